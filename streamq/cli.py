@@ -1,0 +1,191 @@
+"""The ``streamq`` command line: argument parsing, progress, exit codes. No algorithms live here.
+
+Exit codes: 0 success, 2 usage error, 1 any other failure (one line on stderr; ``--debug`` shows the traceback).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+
+
+def _positive_int(s):
+    v = int(s)
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {s}")
+    return v
+
+
+def _add_common(p):
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
+
+
+# ------------------------------------------------------------------- commands
+def cmd_ingest(a):
+    from .features import FeatureConfig
+    from .ingest import ingest
+
+    cfg = FeatureConfig(sample_rate=a.sample_rate, numcep=a.numcep)
+    s = ingest(a.src, a.store, cfg, split=a.split, jobs=a.jobs, strict=a.strict, chunk_frames=a.chunk_frames,
+               quiet=a.quiet)
+    print(f"{s['store']}: +{s['added']} utterances ({s['audio_seconds'] / 3600:.3f} h, {s['frames_added']} frames) "
+          f"in {s['wall_seconds']:.1f} s; {s['skipped_existing']} already stored; {s['rejected']} rejected"
+          + (f" (see {s['rejects_file']})" if s["rejects_file"] else "")
+          + f"; store now {s['n_utterances']} utterances, {s['n_frames']} frames")
+
+
+def cmd_info(a):
+    from .store import FrameStore
+
+    i = FrameStore.open(a.store).info()
+    if a.json:
+        print(json.dumps(i, indent=2))
+        return
+    print(f"store          {i['path']}")
+    print(f"frames         {i['frames']:,} x {i['dim']} float32")
+    print(f"utterances     {i['utterances']:,}")
+    print(f"audio          {i['hours']:.3f} h ({i['hours'] * 3600:.1f} s)")
+    print(f"chunking       {i['chunks']} chunks of {i['chunk_frames']:,} frames")
+    print(f"bytes on disk  {i['bytes_on_disk']:,}")
+    cfg = ", ".join(f"{k}={v}" for k, v in i["feature_config"].items())
+    print(f"features       {cfg or '(none: array data)'}")
+
+
+def cmd_fit(a):
+    from .codebook import run_fit
+
+    s = run_fit(a.store, a.out, k=a.k, method=a.method, batch_size=a.batch_size, steps=a.steps, decay=a.decay,
+                eps=a.eps, seed=a.seed, resume=a.resume, repair=not a.no_repair, quiet=a.quiet)
+    print(f"{a.out}: K={s['k']} {s['method']} codebook; held-out loss {s['loss']:.4f}, "
+          f"entropy {s['entropy']:.3f} / log K {s['log_k']:.3f}, {s['dead']} dead, {s['repaired']} repaired, "
+          f"{s['wall_seconds']:.1f} s")
+
+
+def cmd_compare(a):
+    from .codebook import run_compare
+
+    s = run_compare(a.store, a.out, k=a.k, batch_size=a.batch_size, seed=a.seed, quiet=a.quiet)
+    for m, r in s["methods"].items():
+        print(f"{m:8s} loss {r['loss']:.4f}  entropy {r['entropy']:.3f}/{r['log_k']:.3f}  dead {r['dead']:4d}  "
+              f"{r['wall_seconds']:.2f} s")
+    print(f"wrote {', '.join(s['files'])}")
+
+
+def cmd_gmm(a):
+    from .gmm import run_gmm
+
+    s = run_gmm(a.store, a.codebook_dir, a.out, iters=a.iters, resume=a.resume, gselect=a.gselect, seed=a.seed,
+                quiet=a.quiet)
+    print(json.dumps(s, default=str))
+
+
+def cmd_align(a):
+    from .align import run_align
+
+    s = run_align(a.store, a.model, a.out, iters=a.iters, jobs=a.jobs, plots=a.plot, seed=a.seed, quiet=a.quiet)
+    print(json.dumps(s, default=str))
+
+
+# --------------------------------------------------------------------- parser
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="streamq", description="Streaming vector quantisation, Gaussian mixtures and "
+                                 "HMM alignment for corpora too big for memory.")
+    from . import __version__
+
+    ap.add_argument("--version", action="version", version=f"streamq {__version__}")
+    sub = ap.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    p = sub.add_parser("ingest", help="decode audio, compute MFCCs, write/extend a frame store (resumable)",
+                       description="SRC: a Common Voice release dir (clips/ + TSVs), a TSV list of paths, or a "
+                       "directory of audio. Re-run the same command to resume after an interruption.")
+    p.add_argument("src")
+    p.add_argument("store")
+    p.add_argument("--split", default="validated", help="Common Voice TSV to read (default: validated)")
+    p.add_argument("--jobs", type=_positive_int, default=1, help="extraction processes (default 1)")
+    p.add_argument("--strict", action="store_true", help="stop at the first bad clip instead of skipping it")
+    p.add_argument("--sample-rate", type=_positive_int, default=16000, help="resample to this rate (default 16000)")
+    p.add_argument("--numcep", type=_positive_int, default=13, help="cepstra per frame (default 13)")
+    p.add_argument("--chunk-frames", type=_positive_int, default=None, help="frames per Zarr chunk (default ~2 MB)")
+    _add_common(p)
+    p.set_defaults(func=cmd_ingest)
+
+    p = sub.add_parser("info", help="describe a frame store")
+    p.add_argument("store")
+    p.add_argument("--json", action="store_true")
+    _add_common(p)
+    p.set_defaults(func=cmd_info)
+
+    p = sub.add_parser("fit", help="learn a codebook (LBG, minibatch Lloyd or random sample)")
+    p.add_argument("store", help="frame store, .npy file or Zarr array")
+    p.add_argument("out", help="output directory (codebook.npy, history.csv, config.json)")
+    p.add_argument("--k", type=_positive_int, required=True)
+    p.add_argument("--method", choices=["lbg", "lloyd", "random"], default="lbg")
+    p.add_argument("--batch-size", type=_positive_int, default=None)
+    p.add_argument("--steps", type=_positive_int, default=None, help="Lloyd steps (LBG: refinement steps per stage)")
+    p.add_argument("--decay", type=float, default=0.9, help="EMA weight of the old codeword (default 0.9)")
+    p.add_argument("--eps", type=float, default=None, help="LBG split perturbation")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-repair", action="store_true", help="leave dead codewords alone")
+    p.add_argument("--resume", action="store_true", help="continue from OUT's checkpoint")
+    _add_common(p)
+    p.set_defaults(func=cmd_fit)
+
+    p = sub.add_parser("compare", help="the seed experiment: random / lloyd / lbg under one budget, with plots")
+    p.add_argument("store")
+    p.add_argument("out")
+    p.add_argument("--k", type=_positive_int, default=256)
+    p.add_argument("--batch-size", type=_positive_int, default=None)
+    p.add_argument("--seed", type=int, default=0)
+    _add_common(p)
+    p.set_defaults(func=cmd_compare)
+
+    p = sub.add_parser("gmm", help="fit a diagonal GMM by streaming EM, initialised from a codebook")
+    p.add_argument("store")
+    p.add_argument("codebook_dir", help="directory written by `streamq fit`")
+    p.add_argument("out")
+    p.add_argument("--iters", type=_positive_int, default=10)
+    p.add_argument("--gselect", type=_positive_int, default=None, help="only the top-n components per frame")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--resume", action="store_true")
+    _add_common(p)
+    p.set_defaults(func=cmd_gmm)
+
+    p = sub.add_parser("align", help="self-trained HMM alignment of transcripts; TextGrid and CTM output")
+    p.add_argument("store")
+    p.add_argument("model", help="directory written by `streamq gmm` (or `streamq fit`)")
+    p.add_argument("out")
+    p.add_argument("--iters", type=_positive_int, default=30)
+    p.add_argument("--jobs", type=_positive_int, default=1)
+    p.add_argument("--plot", type=int, default=0, help="draw pictures for the first N utterances")
+    p.add_argument("--seed", type=int, default=0)
+    _add_common(p)
+    p.set_defaults(func=cmd_align)
+    return ap
+
+
+def main(argv=None) -> int:
+    ap = build_parser()
+    a = ap.parse_args(argv)  # exits 2 on usage errors
+    logging.basicConfig(level=logging.WARNING if a.quiet else logging.INFO, format="%(levelname)s %(message)s",
+                        stream=sys.stderr)
+    try:
+        a.func(a)
+    except KeyboardInterrupt:
+        print("streamq: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # one line on stderr, no traceback unless --debug
+        if a.debug:
+            raise
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        if not isinstance(e, (ValueError, OSError, RuntimeError, IndexError)):
+            msg = f"{type(e).__name__}: {msg}"
+        print(f"streamq {a.command}: error: {msg}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
