@@ -1,0 +1,70 @@
+import numpy as np
+import pytest
+import soundfile as sf
+from python_speech_features import mfcc as psf_mfcc
+
+from streamq.features import AudioError, FeatureConfig, decode, extract, mfcc
+
+
+def test_mfcc_identical_to_python_speech_features_at_16k(speech_dir):
+    import soxr
+
+    x, sr = sf.read(speech_dir / "utt0.wav", dtype="float32")
+    x16 = soxr.resample(x, sr, 16000, quality="HQ").astype(np.float32)
+    sf.write(speech_dir / "utt0_16k.wav", x16, 16000, subtype="FLOAT")
+    ours, dur = extract(speech_dir / "utt0_16k.wav", FeatureConfig())
+    ref = psf_mfcc(x16.astype(np.float64), samplerate=16000).astype(np.float32)
+    assert ours.shape == ref.shape and ours.shape[1] == 13
+    np.testing.assert_array_equal(ours, ref)
+    assert abs(dur - len(x16) / 16000) < 1e-9
+
+
+def test_48k_input_uses_full_windows():
+    """At 48 kHz a 25 ms window is 1200 samples: energy in its last 600 samples must reach the frame."""
+    cfg = FeatureConfig(sample_rate=48000)
+    assert cfg.window_samples == 1200 and cfg.fft_size == 2048
+    sig = np.zeros(1200, np.float32)
+    sig[700:1100] = np.sin(np.arange(400) * 0.3).astype(np.float32)  # only past sample 512
+    quiet = mfcc(np.zeros(1200, np.float32), cfg)
+    loud = mfcc(sig, cfg)
+    assert loud.shape == (1, 13)
+    assert loud[0, 0] > quiet[0, 0] + 5  # log energy sees the burst
+    # python_speech_features' default nfft=512 truncates the frame and misses it entirely
+    trunc = psf_mfcc(sig.astype(np.float64), samplerate=48000, nfft=512)
+    trunc_quiet = psf_mfcc(np.zeros(1200), samplerate=48000, nfft=512)
+    np.testing.assert_allclose(trunc, trunc_quiet)
+
+
+def test_48k_file_resampled_to_16k(speech_dir, tmp_path):
+    import soxr
+
+    x, sr = sf.read(speech_dir / "utt1.wav", dtype="float32")
+    sf.write(tmp_path / "a48.flac", soxr.resample(x, sr, 48000), 48000)
+    sf.write(tmp_path / "a16.flac", soxr.resample(x, sr, 16000), 16000)
+    f48, d48 = extract(tmp_path / "a48.flac", FeatureConfig())
+    f16, d16 = extract(tmp_path / "a16.flac", FeatureConfig())
+    assert abs(d48 - d16) < 0.002 and abs(len(f48) - len(f16)) <= 1
+    n = min(len(f48), len(f16))
+    voiced = f16[:n, 0] > np.median(f16[:n, 0])  # silence is all rounding noise: compare speech frames
+    for c in range(4):
+        assert np.corrcoef(f48[:n][voiced, c], f16[:n][voiced, c])[0, 1] > 0.97
+
+
+def test_stereo_downmix(tmp_path):
+    t = np.arange(16000) / 16000
+    st = np.stack([np.sin(2 * np.pi * 440 * t), -np.sin(2 * np.pi * 440 * t) * 0.5], 1).astype(np.float32)
+    sf.write(tmp_path / "s.wav", st, 16000)
+    x = decode(tmp_path / "s.wav", 16000)
+    np.testing.assert_allclose(x, st.mean(1), atol=1e-4)
+
+
+def test_bad_audio_errors_name_the_file(tmp_path):
+    (tmp_path / "corrupt.mp3").write_bytes(b"\x00garbage" * 50)
+    with pytest.raises(AudioError, match="corrupt.mp3: cannot decode"):
+        decode(tmp_path / "corrupt.mp3", 16000)
+    sf.write(tmp_path / "empty.wav", np.zeros(0, np.float32), 16000)
+    with pytest.raises(AudioError, match="empty.wav: empty clip"):
+        extract(tmp_path / "empty.wav", FeatureConfig())
+    sf.write(tmp_path / "short.wav", np.zeros(100, np.float32), 16000)
+    with pytest.raises(AudioError, match="short.wav: clip shorter than one frame"):
+        extract(tmp_path / "short.wav", FeatureConfig())
