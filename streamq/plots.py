@@ -54,3 +54,38 @@ def plot_compare(records, out_dir) -> list[str]:
         plt.close(fig)
         paths.append(str(p))
     return paths
+
+
+def plot_alignment(posteriors, path, frames, state_labels, out_path, frame_step=0.01, title=""):
+    """One utterance's alignment: posteriors over states x frames with the Viterbi path, above the MFCCs.
+
+    Parameters
+    ----------
+    posteriors : float (T, S) state posteriors; path : int (T,) Viterbi state per frame;
+    frames : float (T, D) MFCC frames; state_labels : list of S str; out_path : where the PNG goes.
+    """
+    import numpy as np
+
+    plt = _plt()
+    post = np.asarray(posteriors, float)
+    T, S = post.shape
+    t_end = T * frame_step
+    fig, (a0, a1) = plt.subplots(2, 1, figsize=(max(8.0, min(24.0, T / 40)), 7), sharex=True,
+                                 gridspec_kw={"height_ratios": [2, 1]})
+    a0.imshow(post.T, aspect="auto", origin="lower", cmap="magma", interpolation="nearest",
+              extent=(0, t_end, -0.5, S - 0.5), vmin=0, vmax=1)
+    a0.plot((np.arange(T) + 0.5) * frame_step, path, color="cyan", lw=1.0, label="Viterbi path")
+    if S <= 80:
+        a0.set_yticks(range(S))
+        a0.set_yticklabels(state_labels, fontsize=6)
+    a0.set_ylabel("state")
+    a0.legend(loc="upper left", fontsize=7)
+    a0.set_title(title, fontsize=9)
+    a1.imshow(np.asarray(frames, float).T, aspect="auto", origin="lower", cmap="viridis", interpolation="nearest",
+              extent=(0, t_end, -0.5, frames.shape[1] - 0.5))
+    a1.set_ylabel("MFCC")
+    a1.set_xlabel("seconds")
+    fig.tight_layout()
+    fig.savefig(out_path, dpi=100)
+    plt.close(fig)
+    return str(out_path)
