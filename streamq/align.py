@@ -57,10 +57,11 @@ def normalise(text: str) -> list[str]:
     words, cur = [], []
     for ch in text:
         cat = unicodedata.category(ch)
-        if cat[0] == "L" or cat == "Nd" or (cat[0] == "M" and cur):
+        if ch in _APOSTROPHES:  # before the letter test: U+02BC is a modifier *letter*
+            if cur:
+                cur.append("'")
+        elif cat[0] == "L" or cat == "Nd" or (cat[0] == "M" and cur):
             cur.append(ch)
-        elif ch in _APOSTROPHES and cur:
-            cur.append("'")
         elif cur:
             words.append("".join(cur).strip("'"))
             cur = []
@@ -95,13 +96,14 @@ class Chain:
         return self.n_required + pause_prob * self.n_optional
 
     def transitions(self, p: float, pause_prob: float):
-        """(stay, nxt, skip) float64 (S,) for self-loop probability ``p``."""
+        """(stay, nxt, skip) float64 (S,) for self-loop probability ``p``; the last state absorbs."""
         S = self.n_states
         stay = np.full(S, p)
         nxt = np.full(S, 1.0 - p)
         skip = np.zeros(S)
         nxt[self.pre_pause] = (1.0 - p) * pause_prob
         skip[self.pre_pause] = (1.0 - p) * (1.0 - pause_prob)
+        stay[-1], nxt[-1] = 1.0, 0.0  # the final state absorbs (paths end there)
         return stay, nxt, skip
 
 
@@ -129,7 +131,7 @@ class Inventory:
         return out
 
     def chain(self, transcript: str) -> Chain:
-        """The chain of ``transcript``; raises KeyError for a symbol not in the inventory."""
+        """The chain of ``transcript``; raises ValueError for a symbol not in the inventory."""
         words = normalise(transcript)
         k = self.states_per_symbol
         units, char_of, pre_pause, chars = [0], [-1], [False], []
@@ -142,6 +144,8 @@ class Inventory:
                 pre_pause.append(False)
                 n_opt += 1
             for ch in w:
+                if ch not in self.index:
+                    raise ValueError(f"symbol {ch!r} (in {w!r}) is not in the trained inventory")
                 base = 1 + self.index[ch] * k
                 for j in range(k):
                     units.append(base + j)
@@ -381,6 +385,9 @@ class Aligner:
     n_iter : int, EM iterations.
     pause_prob : float, probability of taking the optional pause between words.
     self_loop_floor : float, lower bound of the self-loop probability (upper bound 0.999).
+    self_loop : float or None, a fixed self-loop probability for every utterance; None (default):
+        ``1 - S/T`` per utterance (a fixed 0.75 on long utterances makes Viterbi put one frame in
+        each early state and the rest in the last, as the seed notes found).
     update_transitions : bool, re-estimate each utterance's self-loop probability in the M-step.
     weight_prior : float, Dirichlet pseudo-count (in frames) pulling each unit's weights towards
         the model's global weights; 0 gives plain maximum-likelihood EM.
@@ -395,12 +402,13 @@ class Aligner:
     """
 
     def __init__(self, model, states_per_symbol=2, n_iter=30, pause_prob=0.5, self_loop_floor=0.1,
-                 update_transitions=False, weight_prior=1.0, jobs=1, quiet=True, cache_mb=512.0):
+                 self_loop=None, update_transitions=False, weight_prior=1.0, jobs=1, quiet=True, cache_mb=512.0):
         self.model = model
         self.states_per_symbol = states_per_symbol
         self.n_iter = n_iter
         self.pause_prob = pause_prob
         self.self_loop_floor = self_loop_floor
+        self.self_loop = self_loop
         self.update_transitions = update_transitions
         self.weight_prior = weight_prior
         self.jobs = jobs
@@ -417,6 +425,8 @@ class Aligner:
             raise ValueError(f"pause_prob must be in (0, 1), got {self.pause_prob}")
         if not 0.0 <= self.self_loop_floor < 1.0:
             raise ValueError(f"self_loop_floor must be in [0, 1), got {self.self_loop_floor}")
+        if self.self_loop is not None and not 0.0 <= self.self_loop < 1.0:
+            raise ValueError(f"self_loop must be in [0, 1), got {self.self_loop}")
         if self.weight_prior < 0:
             raise ValueError(f"weight_prior must be >= 0, got {self.weight_prior}")
         if int(self.jobs) < 1:
@@ -452,6 +462,8 @@ class Aligner:
         self._cache_budget = self.cache_mb * 2 ** 20
 
     def _init_loop(self, ch: Chain, T: int) -> float:
+        if self.self_loop is not None:
+            return float(self.self_loop)
         p = 1.0 - ch.expected_states(self.pause_prob) / T
         return float(min(max(p, self.self_loop_floor), 0.999))
 
@@ -666,8 +678,11 @@ def run_align(store_path, model_dir, out_dir, iters=30, jobs=1, plots=0, states_
     Writes into ``out_dir``: ``history.csv`` (log-likelihood per EM iteration), ``textgrids/ID.TextGrid``
     (tiers ``chars`` and ``words``), ``words.ctm`` and ``chars.ctm`` (``id 1 start duration label``,
     seconds), ``unaligned.tsv`` (``id<TAB>reason``), ``aligner.npz`` (symbols, unit weights),
-    ``summary.json`` and, when ``plots`` > 0, ``plots/ID.png`` for ``plots`` utterances (chosen
-    with ``seed``): posteriors over states x frames with the Viterbi path, above the MFCC image.
+    ``summary.json`` and, when ``plots`` > 0, ``plots/ID.png`` for the first ``plots`` alignable
+    utterances: posteriors over states x frames with the Viterbi path, above the MFCC image.
+
+    ``seed`` is accepted for symmetry with the other commands: the flat start (every unit begins
+    with the model's global weights) and EM are deterministic, so it changes nothing today.
 
     Raises
     ------
@@ -704,10 +719,7 @@ def run_align(store_path, model_dir, out_dir, iters=30, jobs=1, plots=0, states_
         wr.writeheader()
         wr.writerows(al.history_)
 
-    rng = np.random.default_rng(seed)
-    candidates = [i for i in range(corpus.n) if al.chains_[i] is not None]
-    n_plot = min(int(plots), len(candidates))
-    plot_set = set(int(i) for i in rng.choice(candidates, n_plot, replace=False)) if n_plot else set()
+    plot_set = set([i for i in range(corpus.n) if al.chains_[i] is not None][:int(plots)])
     step = corpus.frame_step
     off = frame_time_offset(corpus.feature_config)
     tg_dir = out / "textgrids"
