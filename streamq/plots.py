@@ -89,3 +89,37 @@ def plot_alignment(posteriors, path, frames, state_labels, out_path, frame_step=
     fig.savefig(out_path, dpi=100)
     plt.close(fig)
     return str(out_path)
+
+
+def plot_gmm_history(records, path) -> str:
+    """Streaming-EM progress: average log-likelihood per frame (training pass and fixed held-out sample)
+    against the EM iteration, with re-seeded components marked.
+
+    ``records``: dicts with iteration, train_loglik, heldout_loglik, reseeded (``DiagGMM.history_``).
+    Writes a PNG to ``path``; returns it.
+    """
+    import math
+
+    plt = _plt()
+    it = [int(r["iteration"]) for r in records]
+    fig, ax = plt.subplots(figsize=(6.4, 4.0))
+    for key, label, style in (("heldout_loglik", "held-out sample (after M-step)", "o-"),
+                              ("train_loglik", "training pass (before M-step)", "s--")):
+        pts = [(i, float(r[key])) for i, r in zip(it, records)
+               if r.get(key) is not None and not math.isnan(float(r[key]))]
+        if pts:
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], style, label=label, ms=4)
+    for i, r in zip(it, records):
+        if i > 0 and int(r.get("reseeded", 0) or 0) > 0:
+            ax.axvline(i, color="tab:red", alpha=0.25, lw=1)
+            ax.annotate(f"{int(r['reseeded'])} re-seeded", (i, 0.02), xycoords=("data", "axes fraction"),
+                        fontsize=7, color="tab:red", rotation=90)
+    ax.set_xlabel("EM iteration (0 = initialised from the codebook)")
+    ax.set_ylabel("average log-likelihood per frame (nats)")
+    ax.set_title("Diagonal GMM, streaming EM")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return str(path)
