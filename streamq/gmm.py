@@ -83,6 +83,7 @@ class DiagGMM:
         during fit); None = all components.
     min_count : float. Components with less occupancy (frames) are re-seeded by splitting the heaviest.
     split_eps : float. Re-seeding offset in standard deviations (mu +/- split_eps * sigma).
+    reseed : bool. Re-seed low-occupancy components (True) or leave them with weight 0 and old parameters.
     subsample : int or None. Use a fixed subsample of this many frames per iteration instead of a full pass.
     n_heldout : int. Size of the fixed held-out sample scored at every iteration (0 = none).
     dot_dtype : 'float32' or 'float64'. Precision of the quadratic-form GEMM in the E-step (constants,
@@ -97,7 +98,7 @@ class DiagGMM:
     """
 
     def __init__(self, n_components, var_floor=1e-3, reg_covar=0.0, max_iter=10, batch_size=65536, gselect=None,
-                 min_count=10.0, split_eps=0.2, subsample=None, n_heldout=20000, dot_dtype="float32", seed=0,
+                 min_count=10.0, split_eps=0.2, reseed=True, subsample=None, n_heldout=20000, dot_dtype="float32", seed=0,
                  quiet=True):
         if int(n_components) < 1:
             raise ValueError(f"n_components must be >= 1, got {n_components}")
@@ -110,6 +111,7 @@ class DiagGMM:
         self.n_components = int(n_components)
         self.var_floor, self.reg_covar, self.max_iter, self.batch_size = var_floor, reg_covar, max_iter, batch_size
         self.gselect, self.min_count, self.split_eps, self.subsample = gselect, min_count, split_eps, subsample
+        self.reseed = reseed
         self.n_heldout, self.dot_dtype, self.seed, self.quiet = n_heldout, dot_dtype, seed, quiet
         self.history_ = []
         self.n_iter_ = 0
@@ -303,8 +305,8 @@ class DiagGMM:
         var = np.maximum(var, self.var_floor)
         self.means_ = np.where(ok[:, None], mu + shift, self.means_)
         self.variances_ = np.where(ok[:, None], var, self.variances_)
-        self.weights_ = np.where(ok, n, 0.0) / n.sum()
-        return self._reseed(~ok)
+        self.weights_ = np.where(ok, n, 0.0) / n[ok].sum()
+        return self._reseed(~ok) if self.reseed else 0
 
     def em_step(self, source) -> dict:
         """One EM iteration (E-step pass + M-step); appends and returns its history record."""
@@ -388,7 +390,7 @@ def save_gmm(gmm: DiagGMM, out_dir) -> Path:
 def load_gmm(path, **kw) -> DiagGMM:
     """A :class:`DiagGMM` from a directory holding ``gmm.npz`` (or the file itself). ``kw`` go to DiagGMM."""
     p = Path(path)
-    f = p / "gmm.npz" if p.is_dir() else p
+    f = p if p.suffix == ".npz" else p / "gmm.npz"
     if not f.exists():
         raise ValueError(f"{f}: not found (train a model with `streamq gmm`)")
     try:
