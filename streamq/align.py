@@ -34,8 +34,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .kernels.hmm import (diag_gauss_loglik, forward_backward, frame_normalise, nearest_stats,
-                          occupancy_by_unit, viterbi)
+from .kernels.hmm import (diag_gauss_loglik, forward_backward, frame_normalise, mixture_counts,
+                          mixture_likelihoods, nearest_stats, occupancy_by_unit, viterbi)
 from .progress import bar, log
 
 SIL = "<sil>"
@@ -486,21 +486,21 @@ class Aligner:
         """Local units, log-emissions (T, n_local), Gexp, per-unit likelihoods (T, n_local)."""
         Gx, shift = self._frame_gauss(i, X)
         units, local = np.unique(ch.units, return_inverse=True)
-        P = Gx @ self.unit_weights_[units].T
+        W = np.ascontiguousarray(self.unit_weights_[units])
+        P = mixture_likelihoods(Gx, W)
         with np.errstate(divide="ignore"):
             log_emit = np.log(P) + shift[:, None]
-        return units, local.astype(np.int64), log_emit, Gx, P
+        return units, local.astype(np.int64), log_emit, Gx, P, W
 
     def _e_step(self, i, X):
         ch = self.chains_[i]
-        units, local, log_emit, Gx, P = self._emissions(i, X, ch)
+        units, local, log_emit, Gx, P, W = self._emissions(i, X, ch)
         stay, nxt, skip = ch.transitions(self.self_loops_[i], self.pause_prob)
         gamma, ll, xi, used_log = forward_backward(log_emit, local, stay, nxt, skip)
         if not np.isfinite(ll):
             return i, ll, None, None, None, used_log
         occ = occupancy_by_unit(gamma, local, len(units))
-        R = np.divide(occ, P, out=np.zeros_like(occ), where=occ > 0)
-        counts = (R.T @ Gx) * self.unit_weights_[units]
+        counts = mixture_counts(Gx, occ, P, W)
         tot = xi.sum()
         loop = xi[:, 0].sum() / tot if tot > 0 else np.nan
         return i, ll, units, counts, loop, used_log
@@ -579,7 +579,7 @@ class Aligner:
         ch = self.chains_[i]
         if ch is None:
             return i, None
-        units, local, log_emit, Gx, P = self._emissions(i, X, ch)
+        units, local, log_emit, Gx, P, W = self._emissions(i, X, ch)
         stay, nxt, skip = ch.transitions(self.self_loops_[i], self.pause_prob)
         path, score = viterbi(log_emit, local, stay, nxt, skip)
         if not np.isfinite(score):

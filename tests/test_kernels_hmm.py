@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from streamq.kernels.hmm import (diag_gauss_loglik, forward_backward, forward_backward_log, frame_normalise,
-                                 nearest_stats, occupancy_by_unit, viterbi)
+                                 mixture_counts, mixture_likelihoods, nearest_stats, occupancy_by_unit, viterbi)
 
 
 # --------------------------------------------------------------------------- NumPy references
@@ -312,3 +312,27 @@ def test_nearest_stats():
         np.testing.assert_allclose(sums[k], Xd[a == k].sum(0), atol=1e-9)
         np.testing.assert_allclose(sq[k], (Xd[a == k] ** 2).sum(0), atol=1e-9)
     assert counts[4] == 0
+
+
+def test_mixture_likelihoods_and_counts():
+    rng = np.random.default_rng(8)
+    T, K, U = 23, 9, 4
+    Gx = rng.uniform(size=(T, K))
+    Gx[3] = 0.0  # a frame no component explains (after the shift this cannot happen, but must not crash)
+    W = rng.dirichlet(np.ones(K), U)
+    W[2, :5] = 0.0
+    W[2] /= W[2].sum()
+    P = mixture_likelihoods(Gx, W)
+    np.testing.assert_allclose(P, Gx @ W.T, rtol=1e-12)
+    occ = rng.uniform(size=(T, U))
+    occ[:, 1] = 0.0  # a unit nobody occupies
+    occ[3] = 0.0
+    counts = mixture_counts(Gx, occ, P, W)
+    ref = np.zeros((U, K))
+    for t in range(T):
+        for u in range(U):
+            if occ[t, u] > 0:
+                ref[u] += occ[t, u] * W[u] * Gx[t] / (W[u] @ Gx[t])
+    np.testing.assert_allclose(counts, ref, rtol=1e-10, atol=1e-14)
+    np.testing.assert_allclose(counts.sum(1), occ.sum(0), rtol=1e-10)  # counts redistribute occupancy
+    assert not counts[1].any() and not counts[2, :5].any()

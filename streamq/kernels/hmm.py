@@ -22,7 +22,9 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
-_NEG_INF = -np.inf
+# Linear-domain kernels on finite data may reassociate sums (vectorised reductions); never
+# 'nnan'/'ninf', and the log-domain lattice kernels use no fastmath at all.
+_LINEAR_FASTMATH = {"reassoc", "contract", "arcp"}
 
 
 # --------------------------------------------------------------------------- helpers
@@ -298,7 +300,7 @@ def viterbi(log_emit, state_unit, stay, nxt, skip):
 
 
 # --------------------------------------------------------------------------- emissions and statistics
-@njit(cache=True, nogil=True)
+@njit(cache=True, nogil=True, fastmath=_LINEAR_FASTMATH)
 def diag_gauss_loglik(X, means, variances, out):
     """Log-density of each frame under each diagonal Gaussian.
 
@@ -420,3 +422,51 @@ def nearest_stats(X, C):
         sums += sm[th]
         sqs += sq[th]
     return counts, sums, sqs
+
+
+@njit(cache=True, nogil=True, fastmath=_LINEAR_FASTMATH)
+def mixture_likelihoods(Gx, W):
+    """Per-unit mixture likelihoods relative to each frame's best Gaussian.
+
+    Gx : float64 (T, K) IN   ``exp(G[t, k] - shift[t])`` (see :func:`frame_normalise`).
+    W : float64 (U, K) IN    mixture weights of each unit (rows sum to 1).
+    Returns P : float64 (T, U) OUT, ``P[t, u] = sum_k W[u, k] Gx[t, k]``; the unit's log-emission is
+    ``shift[t] + log P[t, u]``. Plain loops (no BLAS: small products, no thread oversubscription).
+    """
+    T, K = Gx.shape
+    U = W.shape[0]
+    P = np.empty((T, U))
+    for t in range(T):
+        for u in range(U):
+            acc = 0.0
+            for k in range(K):
+                acc += W[u, k] * Gx[t, k]
+            P[t, u] = acc
+    return P
+
+
+@njit(cache=True, nogil=True)
+def mixture_counts(Gx, occ, P, W):
+    """Expected component counts per unit (the M-step statistics of the tied weights).
+
+    ``counts[u, k] = sum_t occ[t, u] * W[u, k] Gx[t, k] / P[t, u]``: the unit's occupancy times the
+    component's posterior within the unit's mixture.
+
+    Gx : float64 (T, K) IN; occ : float64 (T, U) IN state occupancy summed per unit;
+    P : float64 (T, U) IN from :func:`mixture_likelihoods`; W : float64 (U, K) IN.
+    Returns counts : float64 (U, K) OUT (frames with ``occ == 0`` contribute nothing).
+    """
+    T, K = Gx.shape
+    U = W.shape[0]
+    acc = np.zeros((U, K))
+    for t in range(T):
+        for u in range(U):
+            o = occ[t, u]
+            if o > 0.0 and P[t, u] > 0.0:
+                r = o / P[t, u]
+                for k in range(K):
+                    acc[u, k] += r * Gx[t, k]
+    for u in range(U):
+        for k in range(K):
+            acc[u, k] *= W[u, k]
+    return acc
