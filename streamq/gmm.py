@@ -314,11 +314,12 @@ class DiagGMM:
         it = self.n_iter_ + 1
         avg, frames, n, f, s, shift = self.accumulate(source, it)
         reseeded = self.m_step(n, f, s, shift)
+        t_em = time.perf_counter() - t0
         self.n_iter_ = it
         self.reseeded_ += reseeded
         rec = {"iteration": it, "frames": frames, "train_loglik": avg,
                "heldout_loglik": self._heldout_loglik(), "reseeded": reseeded,
-               "min_occupancy": float(n.min()), "seconds": time.perf_counter() - t0}
+               "min_occupancy": float(n.min()), "em_seconds": t_em, "seconds": time.perf_counter() - t0}
         self.history_.append(rec)
         log.info("GMM iteration %d: train %.4f held-out %.4f nats/frame, %d re-seeded, %.1f s", it, avg,
                  rec["heldout_loglik"], reseeded, rec["seconds"])
@@ -351,7 +352,7 @@ class DiagGMM:
             self.init_from_codebook(src, codebook)
             self.history_ = [{"iteration": 0, "frames": 0, "train_loglik": float("nan"),
                               "heldout_loglik": self._heldout_loglik(), "reseeded": self.reseeded_,
-                              "min_occupancy": float("nan"), "seconds": 0.0}]
+                              "min_occupancy": float("nan"), "em_seconds": 0.0, "seconds": 0.0}]
         for _ in range(self.max_iter):
             self.em_step(src)
         return self
@@ -363,7 +364,8 @@ class DiagGMM:
 
 
 # ------------------------------------------------------------------ files
-HISTORY_FIELDS = ["iteration", "frames", "train_loglik", "heldout_loglik", "reseeded", "min_occupancy", "seconds"]
+HISTORY_FIELDS = ["iteration", "frames", "train_loglik", "heldout_loglik", "reseeded", "min_occupancy", "em_seconds",
+                  "seconds"]
 
 
 def _atomic(path: Path, write):
@@ -507,7 +509,7 @@ def run_gmm(store_path, codebook_dir, out_dir, iters=10, resume=False, batch_siz
         g.init_from_codebook(src, C)
         g.history_ = [{"iteration": 0, "frames": 0, "train_loglik": float("nan"),
                        "heldout_loglik": g._heldout_loglik(), "reseeded": g.reseeded_,
-                       "min_occupancy": float("nan"), "seconds": 0.0}]
+                       "min_occupancy": float("nan"), "em_seconds": 0.0, "seconds": 0.0}]
         _checkpoint(g, out)
     while g.n_iter_ < iters:
         g.em_step(src)

@@ -210,8 +210,11 @@ def test_max8_matches_numpy():
     rng = np.random.default_rng(8)
     for n in (1, 7, 8, 9, 100):
         x = rng.normal(size=n)
-        assert k._max8(x) == x.max()
-    assert k._max8(np.array([-np.inf, -np.inf, 3.0])) == 3.0
+        c = rng.normal(size=n)
+        assert k._max8(c, x) == (c + x).max()
+    assert k._max8(np.array([-np.inf, -np.inf, 1.0]), np.array([1.0, 2.0, 3.0])) == 4.0
+    x32 = rng.normal(size=13).astype(np.float32)
+    assert k._max8(x32, x32) == (2 * x32).max()
 
 
 def test_cluster_stats_and_nearest_codeword():

@@ -102,82 +102,71 @@ def _exp_nonpos(x, out, scratch, n):
 
 
 @njit(cache=True)
-def _max8(x):
-    """max of a float64 (K,) array with 8 independent lanes (ILP / SLP-vectorisable, no fastmath)."""
+def _max8(c, x):
+    """max_k (c[k] + x[k]) with 8 independent lanes (ILP / SLP-vectorisable, no fastmath). c, x : (K,), same dtype."""
     K = x.shape[0]
-    a0 = a1 = a2 = a3 = a4 = a5 = a6 = a7 = -np.inf
+    a0 = a1 = a2 = a3 = a4 = a5 = a6 = a7 = x.dtype.type(-np.inf)
     k = 0
     while k + 8 <= K:
-        a0 = max(a0, x[k])
-        a1 = max(a1, x[k + 1])
-        a2 = max(a2, x[k + 2])
-        a3 = max(a3, x[k + 3])
-        a4 = max(a4, x[k + 4])
-        a5 = max(a5, x[k + 5])
-        a6 = max(a6, x[k + 6])
-        a7 = max(a7, x[k + 7])
+        a0 = max(a0, c[k] + x[k])
+        a1 = max(a1, c[k + 1] + x[k + 1])
+        a2 = max(a2, c[k + 2] + x[k + 2])
+        a3 = max(a3, c[k + 3] + x[k + 3])
+        a4 = max(a4, c[k + 4] + x[k + 4])
+        a5 = max(a5, c[k + 5] + x[k + 5])
+        a6 = max(a6, c[k + 6] + x[k + 6])
+        a7 = max(a7, c[k + 7] + x[k + 7])
         k += 8
     m = max(max(max(a0, a1), max(a2, a3)), max(max(a4, a5), max(a6, a7)))
     while k < K:
-        m = max(m, x[k])
+        m = max(m, c[k] + x[k])
         k += 1
     return m
 
 
 @njit(cache=True)
-def _frame_posteriors(lli, const, lf, log_prune, gselect, idx, val, scratch, heap_v, heap_i):
+def _frame_posteriors(lli, const, constw, log_prune, gselect, idx, val, scratch, heap_v, heap_i):
     """Sparse posteriors of one frame.
 
-    lli : (K,) IN, z . W[:, k] for this frame (W's dtype). const : float64 (K,) IN.
-    lf : float64 (K,) scratch OUT, the component log-likelihoods const + lli.
+    lli : (K,) IN, z . W[:, k] for this frame (W's dtype). const : float64 (K,) IN. The component
+    log-likelihoods are const + lli (float64). constw : const in W's dtype (K,) IN, used for the
+    reference maximum and the pruning test only (a float32 reference point is as good as the exact one).
     idx : int64 (K,) OUT, val : float64 (K,) OUT: the kept components and their posteriors in [:n].
     scratch : float64 (K,), heap_v : float64 (>= gselect,), heap_i : int64 (>= gselect,) scratch.
-    log_prune : float in (0, 700]. Returns (n, log p(x)).
+    log_prune : float in (0, 700]. gselect : int, 0 = all components.
+    Returns (n, log p(x)).
     """
     K = lli.shape[0]
-    for k in range(K):
-        lf[k] = const[k] + lli[k]
-    m = _max8(lf)
-    thr = m - log_prune
+    mw = _max8(constw, lli)  # reference maximum in W's dtype
+    thr = lli.dtype.type(np.float64(mw) - log_prune)
     cnt = 0
-    if gselect > 0 and gselect < K:
-        # top-n by a min-heap of size n (heap_v[0] is the smallest kept value)
+    for k in range(K):  # branch-free compaction of the components within log_prune of the best
+        idx[cnt] = k
+        cnt += constw[k] + lli[k] >= thr  # >=: the best one always passes, even where thr rounds to mw
+    m = -np.inf
+    for j in range(cnt):  # exact float64 values of the candidates, and their exact maximum
+        v = const[idx[j]] + lli[idx[j]]
+        val[j] = v
+        m = max(m, v)
+    for j in range(cnt):
+        val[j] -= m
+    if gselect > 0 and gselect < cnt:
+        # keep the top gselect of the candidates: min-heap of size n (heap_v[0] is the smallest kept)
         n = gselect
         for j in range(n):
-            heap_v[j] = -np.inf
-            heap_i[j] = -1
-        for k in range(K):
-            v = lf[k]
-            if v > heap_v[0] and v > thr:
-                heap_v[0] = v
-                heap_i[0] = k
-                p = 0  # sift down
-                while True:
-                    c = 2 * p + 1
-                    if c >= n:
-                        break
-                    if c + 1 < n and heap_v[c + 1] < heap_v[c]:
-                        c += 1
-                    if heap_v[c] < heap_v[p]:
-                        tv = heap_v[c]
-                        ti = heap_i[c]
-                        heap_v[c] = heap_v[p]
-                        heap_i[c] = heap_i[p]
-                        heap_v[p] = tv
-                        heap_i[p] = ti
-                        p = c
-                    else:
-                        break
+            heap_v[j] = val[j]
+            heap_i[j] = idx[j]
+        for p0 in range(n // 2 - 1, -1, -1):  # heapify
+            _sift_down(heap_v, heap_i, p0, n)
+        for j in range(n, cnt):
+            if val[j] > heap_v[0]:
+                heap_v[0] = val[j]
+                heap_i[0] = idx[j]
+                _sift_down(heap_v, heap_i, 0, n)
         for j in range(n):
-            if heap_i[j] >= 0:
-                idx[cnt] = heap_i[j]
-                cnt += 1
-    else:
-        for k in range(K):  # branch-free compaction
-            idx[cnt] = k
-            cnt += lf[k] > thr
-    for j in range(cnt):
-        val[j] = lf[idx[j]] - m
+            val[j] = heap_v[j]
+            idx[j] = heap_i[j]
+        cnt = n
     _exp_nonpos(val, val, scratch, cnt)
     s = 0.0
     for j in range(cnt):
@@ -186,6 +175,26 @@ def _frame_posteriors(lli, const, lf, log_prune, gselect, idx, val, scratch, hea
     for j in range(cnt):
         val[j] *= inv
     return cnt, m + np.log(s)
+
+
+@njit(cache=True)
+def _sift_down(hv, hi, p, n):
+    while True:
+        c = 2 * p + 1
+        if c >= n:
+            return
+        if c + 1 < n and hv[c + 1] < hv[c]:
+            c += 1
+        if hv[c] < hv[p]:
+            tv = hv[c]
+            ti = hi[c]
+            hv[c] = hv[p]
+            hi[c] = hi[p]
+            hv[p] = tv
+            hi[p] = ti
+            p = c
+        else:
+            return
 
 
 @njit(cache=True, parallel=True)
@@ -222,8 +231,8 @@ def diag_gmm_stats(X, shift, const, W, n_chunks, tile, log_prune, gselect):
         a0 = c * per
         b0 = min(N, a0 + per)
         ll = np.empty((tile, K), W.dtype)
+        constw = const.astype(W.dtype)
         z = np.empty((tile, 2 * D), W.dtype)
-        lf = np.empty(K, np.float64)
         idx = np.empty(K, np.int64)
         val = np.empty(K, np.float64)
         scratch = np.empty(K, np.float64)
@@ -235,7 +244,7 @@ def diag_gmm_stats(X, shift, const, W, n_chunks, tile, log_prune, gselect):
             b = min(a + tile, b0)
             _tile_loglik(X, a, b, shift, W, ll, z)
             for i in range(b - a):
-                cnt, lse = _frame_posteriors(ll[i], const, lf, log_prune, gselect, idx, val, scratch, heap_v, heap_i)
+                cnt, lse = _frame_posteriors(ll[i], const, constw, log_prune, gselect, idx, val, scratch, heap_v, heap_i)
                 acc += lse
                 for d in range(D):
                     xs[d] = np.float64(X[a + i, d]) - shift[d]
@@ -275,8 +284,8 @@ def _loglik_or_posteriors(X, shift, const, W, n_chunks, tile, log_prune, gselect
         a0 = c * per
         b0 = min(N, a0 + per)
         ll = np.empty((tile, K), W.dtype)
+        constw = const.astype(W.dtype)
         z = np.empty((tile, 2 * D), W.dtype)
-        lf = np.empty(K, np.float64)
         idx = np.empty(K, np.int64)
         val = np.empty(K, np.float64)
         scratch = np.empty(K, np.float64)
@@ -286,7 +295,7 @@ def _loglik_or_posteriors(X, shift, const, W, n_chunks, tile, log_prune, gselect
             b = min(a + tile, b0)
             _tile_loglik(X, a, b, shift, W, ll, z)
             for i in range(b - a):
-                cnt, lse = _frame_posteriors(ll[i], const, lf, log_prune, gselect, idx, val, scratch, heap_v, heap_i)
+                cnt, lse = _frame_posteriors(ll[i], const, constw, log_prune, gselect, idx, val, scratch, heap_v, heap_i)
                 out[a + i] = lse
                 if dense:
                     for j in range(cnt):
