@@ -74,7 +74,7 @@ def main(argv=None):
     ap.add_argument("model", help="dir with gmm.npz or codebook.npy")
     ap.add_argument("word_times", help="word_times.tsv from scripts/make_corpus.py")
     ap.add_argument("--iters", type=int, default=30)
-    ap.add_argument("--states-per-symbol", type=int, default=2)
+    ap.add_argument("--states-per-symbol", type=int, default=3)
     ap.add_argument("--jobs", type=int, default=1)
     ap.add_argument("--pause-prob", type=float, default=0.5)
     ap.add_argument("--weight-prior", type=float, default=1.0)
