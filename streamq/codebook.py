@@ -473,7 +473,7 @@ class LBG(_Trainer):
                         break
                     last = after
             after = self._log(H)["loss"] if self.history_[-1]["step"] != self.step_ else self.history_[-1]["loss"]
-            if after >= before:  # undo the model change (the steps spent stay counted); try fewer moves
+            if after > before * (1 - self.tol):  # no real gain: undo (the steps spent stay counted), fewer moves
                 for k, v in saved.items():
                     setattr(self, k, v)
                 if max_moves == 1:

@@ -38,7 +38,7 @@ def plot_compare(records, out_dir) -> list[str]:
             axes[1].plot(x, [float(r["entropy"]) for r in rs], **style)
             axes[2].plot(x, [float(r["utilisation"]) for r in rs], **style)
         axes[0].set_yscale("log")
-        axes[0].set_ylabel("quantisation loss (MSE per frame, held-out)")
+        axes[0].set_ylabel("quantisation loss (MSE per frame, eval sample)")
         axes[1].axhline(log_k, color="k", ls="--", lw=1, label=f"log K = {log_k:.2f}")
         axes[1].set_ylabel("usage entropy (nats)")
         axes[2].set_ylabel("utilisation (share of codewords used)")
