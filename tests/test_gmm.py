@@ -94,6 +94,21 @@ def test_float32_and_float64_inputs_agree():
         np.testing.assert_allclose(a, b, rtol=1e-4)
 
 
+def test_pruning_error_is_bounded():
+    rng = np.random.default_rng(13)
+    K = 256
+    X = blobs(13, n_per=100)
+    w, m, v = rng.dirichlet(np.ones(K)), X[rng.choice(len(X), K, replace=False)], rng.uniform(0.05, 4, (K, 3))
+    pruned = DiagGMM(K, n_heldout=0, dot_dtype="float64").set_params_(w, m, v)
+    exact = DiagGMM(K, n_heldout=0, dot_dtype="float64", prune_tol=1e-300).set_params_(w, m, v)  # no pruning
+    d = exact.score_samples(X) - pruned.score_samples(X)
+    assert (d >= -1e-12).all() and d.max() < 1e-10
+    np.testing.assert_allclose(pruned.predict_proba(X), exact.predict_proba(X), atol=1e-10)
+    a, b = pruned.accumulate(X), exact.accumulate(X)
+    for x, y in zip(a[2:], b[2:]):
+        np.testing.assert_allclose(x, y, rtol=1e-9, atol=1e-9)
+
+
 def test_far_frames_are_finite():
     g = DiagGMM(2, n_heldout=0).set_params_([0.3, 0.7], [[0, 0], [1, 1]], [[1, 1], [0.5, 2]])
     X = np.array([[1e5, -1e5], [3e6, 0], [0.5, 0.5]], np.float32)
