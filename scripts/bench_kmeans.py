@@ -1,0 +1,328 @@
+#!/usr/bin/env python
+"""Benchmark codebook training: streamq LBG / MiniBatchLloyd vs faiss Kmeans vs scikit-learn (Mini)KMeans.
+
+K codewords (default 1024) learned from N training frames (default 1,000,000) and scored on the SAME
+held-out frames (disjoint utterances, never seen by any method) with one exact float64 scorer.
+
+Data (``--data``):
+  synthetic  speech-like anisotropic Gaussian mixture (scripts/make_synthetic_store.py's generator,
+             4096 true components with varied scales); held-out = utterances from a disjoint RNG range.
+  mfcc       frames of a streamq store (``--store``, e.g. made with scripts/make_corpus.py +
+             ``streamq ingest``); utterances are shuffled (seeded) and split into held-out
+             (>= ``--heldout`` frames) and training (the first ``--n`` frames of the rest).
+
+Methods: streamq ``LBG(k)`` and ``MiniBatchLloyd(k)`` (library defaults, fed the training array),
+``faiss.Kmeans(d, k, niter=20, seed)`` (default subsampling: 256 points per centroid),
+sklearn ``KMeans(init='k-means++', n_init=1, max_iter=20)`` and ``MiniBatchKMeans`` (k-means++,
+batch ``--mbk-batch``, other parameters default). Everything runs with ``--threads`` (2) threads, in one
+process, repeats interleaved; compile time is kept out (warm-up on a tiny input). Printed per method:
+median wall seconds, median held-out MSE, wall time / faiss's, loss / sklearn k-means++'s.
+
+Opt-in (``--methods``): ``streamq-lbg-patched`` / ``streamq-lloyd-patched``, the same estimators with two
+kernel-launch changes monkeypatched in (see ``patched_kernels``), to measure a proposed library change.
+
+Then the two claims: (1) "LBG reaches sklearn k-means++'s held-out loss in less wall time than faiss
+takes"; (2) the seed's "LBG reaches a given loss ~10x faster than minibatch Lloyd", from the two
+``history_`` records (wall_seconds, loss on streamq's evaluation sample, which both methods share).
+
+    python scripts/bench_kmeans.py --data synthetic --n 1000000 --k 1024
+    python scripts/bench_kmeans.py --data mfcc --store /tmp/bench_store_mfcc --n 1000000 --k 1024
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+_BAD_ENV = ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE")
+if any(v in os.environ for v in _BAD_ENV) and not os.environ.get("_BENCH_KMEANS_REEXEC"):
+    # these force a slow OpenBLAS kernel on this machine: re-run this script without them
+    env = {k: v for k, v in os.environ.items() if k not in _BAD_ENV}
+    env["_BENCH_KMEANS_REEXEC"] = "1"
+    print(f"re-executing without {[v for v in _BAD_ENV if v in os.environ]}", flush=True)
+    os.execve(sys.executable, [sys.executable] + sys.argv, env)
+
+
+def _threads_from_argv(default=2):
+    for i, a in enumerate(sys.argv):
+        if a == "--threads" and i + 1 < len(sys.argv):
+            return sys.argv[i + 1]
+        if a.startswith("--threads="):
+            return a.split("=", 1)[1]
+    return str(default)
+
+
+# thread counts must be fixed before numba / BLAS / OpenMP load
+_T = _threads_from_argv()
+os.environ["NUMBA_NUM_THREADS"] = _T
+os.environ.setdefault("OMP_NUM_THREADS", _T)
+
+import argparse  # noqa: E402
+import statistics  # noqa: E402
+import time  # noqa: E402
+import warnings  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import numpy as np  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+
+# ----------------------------------------------------------------------------- data
+def load_data(a):
+    """(train float32 (n, D), heldout float32 (m, D), description)."""
+    if a.data == "synthetic":
+        from make_synthetic_store import synth_frames
+
+        X = synth_frames(a.n, a.dim, a.components, seed=a.seed)
+        H = synth_frames(a.heldout, a.dim, a.components, seed=a.seed, first_block=10 ** 6)
+        return X, H, (f"synthetic: {a.components}-component anisotropic mixture, D={a.dim}, "
+                      f"{len(X):,} train / {len(H):,} held-out frames (disjoint utterances)")
+    from streamq.store import FrameStore
+
+    s = FrameStore.open(a.store)
+    off = s.offsets
+    F = s.read(0, s.n_frames)
+    order = np.random.default_rng([a.seed, 99]).permutation(s.n_utterances)
+    lens = np.diff(off)[order]
+    n_held_utts = int(np.searchsorted(np.cumsum(lens), a.heldout)) + 1
+    held, train = order[:n_held_utts], order[n_held_utts:]
+    H = np.concatenate([F[off[u]:off[u + 1]] for u in held])
+    X = np.concatenate([F[off[u]:off[u + 1]] for u in train])
+    short = len(X) < a.n
+    X = np.ascontiguousarray(X[:a.n])
+    desc = (f"mfcc: {s.path} ({s.n_frames:,} frames, {s.n_utterances:,} utterances); "
+            f"{len(X):,} train frames ({len(train):,} utterances){' -- FEWER than --n' if short else ''} / "
+            f"{len(H):,} held-out frames ({len(held):,} disjoint utterances)")
+    return X, H, desc
+
+
+# --------------------------------------------------------------------------- scoring
+def heldout_mse(C, H, block=8192):
+    """Exact mean squared distance to the nearest codeword, float64, blocked (independent of every peer)."""
+    C = np.asarray(C, np.float64)
+    cn = (C ** 2).sum(1)
+    Ct2 = -2.0 * C.T
+    tot, used = 0.0, np.zeros(len(C), bool)
+    for i in range(0, len(H), block):
+        x = H[i:i + block].astype(np.float64)
+        d = x @ Ct2
+        d += cn
+        j = d.argmin(1)
+        used[j] = True
+        tot += np.maximum(d[np.arange(len(x)), j] + (x ** 2).sum(1), 0.0).sum()
+    return tot / len(H), used.mean()
+
+
+def first_time(history, target):
+    """Wall seconds of the first history record whose loss <= target (None if never)."""
+    for r in history:
+        if r["loss"] <= target:
+            return r["wall_seconds"]
+    return None
+
+
+# --------------------------------------------------------------------------- methods
+_PATCH_MIN_WORK = 20_000_000  # B*K*D below which the patched assign runs on one thread
+
+
+def patched_kernels():
+    """(accumulate, assign) replacements measured as the '-patched' methods (NOT library code):
+    accumulate compiled without ``parallel`` (it is ~0.1 ms of work per batch, but a 2-thread parallel
+    region waits for the second thread to be scheduled, which on a loaded machine costs milliseconds), and
+    assign run on one thread when the batch is small (B*K*D < 2e7, ~1 ms of work) for the same reason."""
+    import numba
+    from numba import njit
+
+    from streamq.kernels import assign as A
+
+    ser = njit(A._accumulate_kernel.py_func, parallel=False, nogil=True)
+
+    def accumulate(X, labels, d2, K, n_slices=None):
+        return ser(np.ascontiguousarray(X, dtype=np.float32), np.ascontiguousarray(labels, dtype=np.int64),
+                   np.ascontiguousarray(d2, dtype=np.float32), int(K), 1)
+
+    def assign(X, C, *args, **kw):
+        if np.shape(X)[0] * np.shape(C)[0] * np.shape(C)[1] < _PATCH_MIN_WORK:
+            n = numba.get_num_threads()
+            numba.set_num_threads(1)
+            try:
+                return A.assign(X, C, *args, **kw)
+            finally:
+                numba.set_num_threads(n)
+        return A.assign(X, C, *args, **kw)
+
+    return accumulate, assign
+
+
+class _patched:
+    """Context: streamq.codebook uses the patched kernels inside the block."""
+
+    def __init__(self):
+        self.new = patched_kernels()
+
+    def __enter__(self):
+        import streamq.codebook as cb
+
+        self.old = cb.accumulate, cb.assign
+        cb.accumulate, cb.assign = self.new
+
+    def __exit__(self, *exc):
+        import streamq.codebook as cb
+
+        cb.accumulate, cb.assign = self.old
+
+
+def make_methods(a, d):
+    import faiss
+    from sklearn.cluster import KMeans, MiniBatchKMeans
+
+    from streamq.codebook import LBG, MiniBatchLloyd
+
+    def lbg(X, k, seed):
+        m = LBG(k, seed=seed).fit(X)
+        return m.codebook_, m
+
+    def lloyd(X, k, seed):
+        m = MiniBatchLloyd(k, seed=seed).fit(X)
+        return m.codebook_, m
+
+    patch = _patched()
+
+    def lbg_p(X, k, seed):
+        with patch:
+            return lbg(X, k, seed)
+
+    def lloyd_p(X, k, seed):
+        with patch:
+            return lloyd(X, k, seed)
+
+    def fk(X, k, seed):
+        km = faiss.Kmeans(d, k, niter=20, seed=seed)
+        km.train(X)
+        return km.centroids.copy(), km
+
+    def skm(X, k, seed):
+        km = KMeans(n_clusters=k, init="k-means++", n_init=1, max_iter=20, random_state=seed).fit(X)
+        return km.cluster_centers_.astype(np.float32), km
+
+    def smbk(X, k, seed):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            km = MiniBatchKMeans(n_clusters=k, init="k-means++", batch_size=a.mbk_batch, random_state=seed).fit(X)
+        return km.cluster_centers_.astype(np.float32), km
+
+    all_m = {"streamq-lbg": lbg, "streamq-lloyd": lloyd, "faiss": fk, "sklearn-kmeans++": skm,
+             "sklearn-minibatch": smbk, "streamq-lbg-patched": lbg_p, "streamq-lloyd-patched": lloyd_p}
+    want = a.methods.split(",")
+    bad = [m for m in want if m not in all_m]
+    if bad:
+        sys.exit(f"unknown methods {bad}; choose from {list(all_m)}")
+    return {m: all_m[m] for m in want}
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--data", choices=["synthetic", "mfcc"], default="synthetic")
+    ap.add_argument("--store", default="/tmp/bench_store_mfcc", help="frame store for --data mfcc")
+    ap.add_argument("--n", type=int, default=1_000_000, help="training frames")
+    ap.add_argument("--heldout", type=int, default=100_000, help="held-out frames (at least, for mfcc)")
+    ap.add_argument("--k", type=int, default=1024)
+    ap.add_argument("--dim", type=int, default=13, help="synthetic dimension")
+    ap.add_argument("--components", type=int, default=4096, help="synthetic true components")
+    ap.add_argument("--repeats", type=int, default=1, help="runs per method (seed + r), interleaved")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--mbk-batch", type=int, default=8192, help="MiniBatchKMeans batch_size")
+    ap.add_argument("--methods", default="streamq-lbg,streamq-lloyd,faiss,sklearn-kmeans++,sklearn-minibatch")
+    a = ap.parse_args()
+    T = a.threads
+
+    import faiss
+    import numba
+    import sklearn
+    from threadpoolctl import threadpool_limits
+
+    numba.set_num_threads(T)
+    faiss.omp_set_num_threads(T)
+    threadpool_limits(T)
+    import streamq
+
+    print(f"streamq {streamq.__version__}, faiss {faiss.__version__}, sklearn {sklearn.__version__}, "
+          f"numba {numba.__version__} ({numba.get_num_threads()} threads), numpy {np.__version__}; "
+          f"K={a.k}, repeats={a.repeats}, threads={T}")
+    t = time.perf_counter()
+    X, H, desc = load_data(a)
+    print(f"data {desc}  [{time.perf_counter() - t:.1f} s to build]", flush=True)
+    methods = make_methods(a, X.shape[1])
+
+    # warm-up: Numba compile / cache load, thread pools, on a tiny input
+    Xw = np.ascontiguousarray(X[:20000])
+    for f in methods.values():
+        f(Xw, 16, 0)
+    heldout_mse(Xw[:100], Xw[:1000])
+
+    times = {m: [] for m in methods}
+    losses = {m: [] for m in methods}
+    util = {m: [] for m in methods}
+    models = {m: [] for m in methods}
+    for r in range(a.repeats):
+        for m, f in methods.items():
+            t = time.perf_counter()
+            C, model = f(X, a.k, a.seed + r)
+            times[m].append(time.perf_counter() - t)
+            mse, u = heldout_mse(C, H)
+            losses[m].append(mse)
+            util[m].append(u)
+            models[m].append(model)
+            print(f"  [repeat {r}] {m:<18} {times[m][-1]:8.2f} s  held-out MSE {mse:.4f}", flush=True)
+
+    med = {m: statistics.median(v) for m, v in times.items()}
+    ml = {m: statistics.median(v) for m, v in losses.items()}
+    tf = med.get("faiss")
+    lref = ml.get("sklearn-kmeans++")
+    print(f"\nK = {a.k}, {len(X):,} training frames, held-out {len(H):,} frames (medians of {a.repeats})")
+    print(f"  {'method':<18} {'wall s':>8} {'held-out MSE':>13} {'used':>6} {'time/faiss':>11} {'loss/skl-km++':>14}")
+    for m in methods:
+        rt = f"{med[m] / tf:11.2f}" if tf else f"{'-':>11}"
+        rl = f"{ml[m] / lref:14.4f}" if lref else f"{'-':>14}"
+        print(f"  {m:<18} {med[m]:8.2f} {ml[m]:13.4f} {statistics.median(util[m]):6.3f} {rt} {rl}")
+
+    # claim 1: LBG reaches sklearn k-means++'s held-out loss in less wall time than faiss
+    if "streamq-lbg" in methods and tf and lref:
+        ok_loss = ml["streamq-lbg"] <= lref
+        ok_time = med["streamq-lbg"] < tf
+        print(f"\nclaim 1: LBG held-out loss {ml['streamq-lbg']:.4f} vs sklearn k-means++ {lref:.4f} "
+              f"(ratio {ml['streamq-lbg'] / lref:.4f}); LBG time / faiss time = {med['streamq-lbg'] / tf:.2f} "
+              f"-> {'HOLDS' if ok_loss and ok_time else 'DOES NOT HOLD'}"
+              f" (loss {'ok' if ok_loss else 'worse'}, time {'ok' if ok_time else 'slower'})")
+        if "faiss" in methods:
+            print(f"         faiss held-out loss / sklearn k-means++ = {ml['faiss'] / lref:.4f}")
+
+    for base in ("streamq-lbg", "streamq-lloyd"):
+        if base in methods and base + "-patched" in methods:
+            print(f"\n{base}: wall time unpatched / patched = {med[base] / med[base + '-patched']:.2f} "
+                  f"(held-out loss {ml[base]:.4f} vs {ml[base + '-patched']:.4f})")
+
+    # claim 2: time to a given loss, LBG vs MiniBatchLloyd, from history_ (streamq's evaluation sample)
+    if "streamq-lbg" in methods and "streamq-lloyd" in methods:
+        print("\nclaim 2 (seed: LBG ~10x faster to a given loss than minibatch Lloyd), from history_ "
+              "(loss on streamq's evaluation sample, shared by both; wall_seconds inside fit):")
+        for r in range(a.repeats):
+            hb, hl = models["streamq-lbg"][r].history_, models["streamq-lloyd"][r].history_
+            fb, fl = hb[-1]["loss"], hl[-1]["loss"]
+            print(f"  [repeat {r}] final eval loss: LBG {fb:.4f} at {hb[-1]['wall_seconds']:.1f} s "
+                  f"({hb[-1]['frames_seen']:,} frames seen), Lloyd {fl:.4f} at {hl[-1]['wall_seconds']:.1f} s "
+                  f"({hl[-1]['frames_seen']:,} frames seen)")
+            targets = sorted({fl, max(fb, fl), fl * 1.02, fl * 1.05, fl * 1.10}, reverse=True)
+            for tgt in targets:
+                tb, tl = first_time(hb, tgt), first_time(hl, tgt)
+                ratio = f"{tl / tb:6.2f}x" if tb and tl else "   n/a"
+                sb = f"{tb:7.1f} s" if tb is not None else "  never"
+                sl = f"{tl:7.1f} s" if tl is not None else "  never"
+                tag = " (= Lloyd's final loss)" if tgt == fl else (" (= LBG's final loss)" if tgt == fb else "")
+                print(f"    loss <= {tgt:.4f}{tag:<24} LBG {sb}   Lloyd {sl}   Lloyd/LBG time {ratio}")
+
+
+if __name__ == "__main__":
+    main()
