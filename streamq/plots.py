@@ -92,8 +92,8 @@ def plot_alignment(posteriors, path, frames, state_labels, out_path, frame_step=
 
 
 def plot_gmm_history(records, path) -> str:
-    """Streaming-EM progress: average log-likelihood per frame (training pass and fixed held-out sample)
-    against the EM iteration, with re-seeded components marked.
+    """Streaming-EM progress: average log-likelihood per frame of the model after each EM iteration, on
+    the fixed held-out sample and on the training pass, with re-seeded components marked.
 
     ``records``: dicts with iteration, train_loglik, heldout_loglik, reseeded (``DiagGMM.history_``).
     Writes a PNG to ``path``; returns it.
@@ -103,9 +103,10 @@ def plot_gmm_history(records, path) -> str:
     plt = _plt()
     it = [int(r["iteration"]) for r in records]
     fig, ax = plt.subplots(figsize=(6.4, 4.0))
-    for key, label, style in (("heldout_loglik", "held-out sample (after M-step)", "o-"),
-                              ("train_loglik", "training pass (before M-step)", "s--")):
-        pts = [(i, float(r[key])) for i, r in zip(it, records)
+    # train_loglik of iteration i is measured in its E-step, i.e. it scores the model of iteration i - 1
+    for key, label, style, lag in (("heldout_loglik", "fixed held-out sample", "o-", 0),
+                                   ("train_loglik", "training pass (scored in the next E-step)", "s--", 1)):
+        pts = [(i - lag, float(r[key])) for i, r in zip(it, records)
                if r.get(key) is not None and not math.isnan(float(r[key]))]
         if pts:
             ax.plot([p[0] for p in pts], [p[1] for p in pts], style, label=label, ms=4)
