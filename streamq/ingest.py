@@ -170,7 +170,8 @@ def ingest(src, store_path, config: FeatureConfig | None = None, split: str = "v
                             flush()
                     pb.update(1)
                     wall = time.perf_counter() - t0
-                    pb.set_postfix_str(f"{audio_s / max(wall, 1e-9):.0f}x realtime", refresh=False)
+                    pb.set_postfix_str(f"{audio_s / 3600:.2f} h audio, {audio_s / 3600 / max(wall, 1e-9):.4f} h/s "
+                                       f"({audio_s / max(wall, 1e-9):.0f}x realtime)", refresh=False)
             if buffer:
                 flush()
         finally:
