@@ -190,6 +190,16 @@ def test_fit_with_codebook_improves_heldout_and_records_history():
     assert g.history_[-1]["frames"] == len(X)
 
 
+def test_fit_from_scratch_uses_lbg():
+    X = blobs(14, n_per=150)
+    g = DiagGMM(4, max_iter=3, n_heldout=300, batch_size=256).fit(X)
+    ho = [r["heldout_loglik"] for r in g.history_]
+    assert ho[-1] >= ho[0] and np.isfinite(ho).all()
+    # the four blobs are found: every true centre has a component mean within one unit
+    centres = np.array([[0, 0, 0], [4, 0, 1], [0, 5, -2], [-3, -3, 3]])
+    assert (np.linalg.norm(centres[:, None] - g.means_[None], axis=-1).min(1) < 1.0).all()
+
+
 def test_gselect_close_to_exact_and_top1_is_hard_em():
     X = blobs(9, n_per=200)
     C = np.array([[0, 0, 0], [4, 0, 1], [0, 5, -2], [-3, -3, 3]], np.float32)
