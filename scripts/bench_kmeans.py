@@ -19,7 +19,10 @@ process, repeats interleaved; compile time is kept out (warm-up on a tiny input)
 median wall seconds, median held-out MSE, wall time / faiss's, loss / sklearn k-means++'s.
 
 Opt-in (``--methods``): ``streamq-lbg-patched`` / ``streamq-lloyd-patched``, the same estimators with two
-kernel-launch changes monkeypatched in (see ``patched_kernels``), to measure a proposed library change.
+kernel-launch changes monkeypatched in (see ``patched_kernels``), to measure a proposed library change
+(``streamq-lbg-serialacc``: only the serial accumulate); ``streamq-lbg-custom``: LBG with ``--lbg-kw``;
+``streamq-lloyd-long``: MiniBatchLloyd run for ``--long-steps`` steps (about LBG's frame budget) instead
+of its default two passes.
 
 Then the two claims: (1) "LBG reaches sklearn k-means++'s held-out loss in less wall time than faiss
 takes"; (2) the seed's "LBG reaches a given loss ~10x faster than minibatch Lloyd", from the two
@@ -58,6 +61,7 @@ os.environ["NUMBA_NUM_THREADS"] = _T
 os.environ.setdefault("OMP_NUM_THREADS", _T)
 
 import argparse  # noqa: E402
+import json  # noqa: E402
 import statistics  # noqa: E402
 import time  # noqa: E402
 import warnings  # noqa: E402
@@ -126,7 +130,7 @@ def first_time(history, target):
 _PATCH_MIN_WORK = 20_000_000  # B*K*D below which the patched assign runs on one thread
 
 
-def patched_kernels():
+def patched_kernels(small_assign_one_thread=True):
     """(accumulate, assign) replacements measured as the '-patched' methods (NOT library code):
     accumulate compiled without ``parallel`` (it is ~0.1 ms of work per batch, but a 2-thread parallel
     region waits for the second thread to be scheduled, which on a loaded machine costs milliseconds), and
@@ -143,7 +147,7 @@ def patched_kernels():
                    np.ascontiguousarray(d2, dtype=np.float32), int(K), 1)
 
     def assign(X, C, *args, **kw):
-        if np.shape(X)[0] * np.shape(C)[0] * np.shape(C)[1] < _PATCH_MIN_WORK:
+        if small_assign_one_thread and np.shape(X)[0] * np.shape(C)[0] * np.shape(C)[1] < _PATCH_MIN_WORK:
             n = numba.get_num_threads()
             numba.set_num_threads(1)
             try:
@@ -158,8 +162,8 @@ def patched_kernels():
 class _patched:
     """Context: streamq.codebook uses the patched kernels inside the block."""
 
-    def __init__(self):
-        self.new = patched_kernels()
+    def __init__(self, small_assign_one_thread=True):
+        self.new = patched_kernels(small_assign_one_thread)
 
     def __enter__(self):
         import streamq.codebook as cb
@@ -187,10 +191,24 @@ def make_methods(a, d):
         m = MiniBatchLloyd(k, seed=seed).fit(X)
         return m.codebook_, m
 
+    def lbg_custom(X, k, seed):
+        m = LBG(k, seed=seed, **json.loads(a.lbg_kw)).fit(X)
+        return m.codebook_, m
+
+    def lloyd_long(X, k, seed):
+        m = MiniBatchLloyd(k, seed=seed, steps=a.long_steps).fit(X)
+        return m.codebook_, m
+
     patch = _patched()
 
     def lbg_p(X, k, seed):
         with patch:
+            return lbg(X, k, seed)
+
+    patch_acc = _patched(small_assign_one_thread=False)
+
+    def lbg_pa(X, k, seed):
+        with patch_acc:
             return lbg(X, k, seed)
 
     def lloyd_p(X, k, seed):
@@ -213,7 +231,9 @@ def make_methods(a, d):
         return km.cluster_centers_.astype(np.float32), km
 
     all_m = {"streamq-lbg": lbg, "streamq-lloyd": lloyd, "faiss": fk, "sklearn-kmeans++": skm,
-             "sklearn-minibatch": smbk, "streamq-lbg-patched": lbg_p, "streamq-lloyd-patched": lloyd_p}
+             "sklearn-minibatch": smbk, "streamq-lbg-patched": lbg_p, "streamq-lloyd-patched": lloyd_p,
+             "streamq-lbg-serialacc": lbg_pa, "streamq-lbg-custom": lbg_custom,
+             "streamq-lloyd-long": lloyd_long}
     want = a.methods.split(",")
     bad = [m for m in want if m not in all_m]
     if bad:
@@ -234,6 +254,12 @@ def main():
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--mbk-batch", type=int, default=8192, help="MiniBatchKMeans batch_size")
+    ap.add_argument("--ref-loss", type=float, default=None,
+                    help="sklearn k-means++ held-out loss from an earlier run on the same data, when not run here")
+    ap.add_argument("--lbg-kw", default="{}", help='JSON keyword arguments of the opt-in streamq-lbg-custom, '
+                    'e.g. \'{"tol": 0.01}\'')
+    ap.add_argument("--long-steps", type=int, default=3000,
+                    help="steps of the opt-in streamq-lloyd-long (3000 x 8192 ~ LBG's frame budget at K=1024)")
     ap.add_argument("--methods", default="streamq-lbg,streamq-lloyd,faiss,sklearn-kmeans++,sklearn-minibatch")
     a = ap.parse_args()
     T = a.threads
@@ -263,41 +289,48 @@ def main():
     heldout_mse(Xw[:100], Xw[:1000])
 
     times = {m: [] for m in methods}
+    cpus = {m: [] for m in methods}
     losses = {m: [] for m in methods}
     util = {m: [] for m in methods}
     models = {m: [] for m in methods}
     for r in range(a.repeats):
         for m, f in methods.items():
-            t = time.perf_counter()
+            t, c = time.perf_counter(), time.process_time()
             C, model = f(X, a.k, a.seed + r)
             times[m].append(time.perf_counter() - t)
+            cpus[m].append(time.process_time() - c)
             mse, u = heldout_mse(C, H)
             losses[m].append(mse)
             util[m].append(u)
             models[m].append(model)
-            print(f"  [repeat {r}] {m:<18} {times[m][-1]:8.2f} s  held-out MSE {mse:.4f}", flush=True)
+            print(f"  [repeat {r}] {m:<22} {times[m][-1]:8.2f} s wall {cpus[m][-1]:8.2f} s CPU  "
+                  f"held-out MSE {mse:.4f}", flush=True)
 
     med = {m: statistics.median(v) for m, v in times.items()}
     ml = {m: statistics.median(v) for m, v in losses.items()}
     tf = med.get("faiss")
-    lref = ml.get("sklearn-kmeans++")
+    lref = ml.get("sklearn-kmeans++") or a.ref_loss
+    if "sklearn-kmeans++" not in ml and a.ref_loss:
+        print(f"  (sklearn k-means++ not run here: loss ratios use --ref-loss {a.ref_loss} from an earlier run "
+              "on the same data)")
     print(f"\nK = {a.k}, {len(X):,} training frames, held-out {len(H):,} frames (medians of {a.repeats})")
-    print(f"  {'method':<18} {'wall s':>8} {'held-out MSE':>13} {'used':>6} {'time/faiss':>11} {'loss/skl-km++':>14}")
+    print(f"  {'method':<22} {'wall s':>8} {'CPU s':>8} {'held-out MSE':>13} {'used':>6} {'time/faiss':>11} "
+          f"{'loss/skl-km++':>14}")
     for m in methods:
         rt = f"{med[m] / tf:11.2f}" if tf else f"{'-':>11}"
         rl = f"{ml[m] / lref:14.4f}" if lref else f"{'-':>14}"
-        print(f"  {m:<18} {med[m]:8.2f} {ml[m]:13.4f} {statistics.median(util[m]):6.3f} {rt} {rl}")
+        print(f"  {m:<22} {med[m]:8.2f} {statistics.median(cpus[m]):8.2f} {ml[m]:13.4f} {statistics.median(util[m]):6.3f} {rt} {rl}")
 
     # claim 1: LBG reaches sklearn k-means++'s held-out loss in less wall time than faiss
-    if "streamq-lbg" in methods and tf and lref:
-        ok_loss = ml["streamq-lbg"] <= lref
-        ok_time = med["streamq-lbg"] < tf
-        print(f"\nclaim 1: LBG held-out loss {ml['streamq-lbg']:.4f} vs sklearn k-means++ {lref:.4f} "
-              f"(ratio {ml['streamq-lbg'] / lref:.4f}); LBG time / faiss time = {med['streamq-lbg'] / tf:.2f} "
-              f"-> {'HOLDS' if ok_loss and ok_time else 'DOES NOT HOLD'}"
-              f" (loss {'ok' if ok_loss else 'worse'}, time {'ok' if ok_time else 'slower'})")
-        if "faiss" in methods:
-            print(f"         faiss held-out loss / sklearn k-means++ = {ml['faiss'] / lref:.4f}")
+    for lb in ("streamq-lbg", "streamq-lbg-patched", "streamq-lbg-custom"):
+        if lb in methods and tf and lref:
+            ok_loss, ok_time = ml[lb] <= lref, med[lb] < tf
+            print(f"\nclaim 1 ({lb}): held-out loss {ml[lb]:.4f} vs sklearn k-means++ {lref:.4f} "
+                  f"(ratio {ml[lb] / lref:.4f}); wall time / faiss's = {med[lb] / tf:.2f} "
+                  f"-> {'HOLDS' if ok_loss and ok_time else 'DOES NOT HOLD'}"
+                  f" (loss {'ok' if ok_loss else 'worse'}, time {'ok' if ok_time else 'slower'})")
+    if "faiss" in methods and lref:
+        print(f"faiss held-out loss / sklearn k-means++'s = {ml['faiss'] / lref:.4f}")
 
     for base in ("streamq-lbg", "streamq-lloyd"):
         if base in methods and base + "-patched" in methods:
@@ -305,23 +338,28 @@ def main():
                   f"(held-out loss {ml[base]:.4f} vs {ml[base + '-patched']:.4f})")
 
     # claim 2: time to a given loss, LBG vs MiniBatchLloyd, from history_ (streamq's evaluation sample)
-    if "streamq-lbg" in methods and "streamq-lloyd" in methods:
+    lbgs = [m for m in ("streamq-lbg", "streamq-lbg-patched", "streamq-lbg-custom") if m in methods]
+    lloyds = [m for m in ("streamq-lloyd", "streamq-lloyd-patched", "streamq-lloyd-long") if m in methods]
+    if lbgs and lloyds:
         print("\nclaim 2 (seed: LBG ~10x faster to a given loss than minibatch Lloyd), from history_ "
-              "(loss on streamq's evaluation sample, shared by both; wall_seconds inside fit):")
-        for r in range(a.repeats):
-            hb, hl = models["streamq-lbg"][r].history_, models["streamq-lloyd"][r].history_
-            fb, fl = hb[-1]["loss"], hl[-1]["loss"]
-            print(f"  [repeat {r}] final eval loss: LBG {fb:.4f} at {hb[-1]['wall_seconds']:.1f} s "
-                  f"({hb[-1]['frames_seen']:,} frames seen), Lloyd {fl:.4f} at {hl[-1]['wall_seconds']:.1f} s "
-                  f"({hl[-1]['frames_seen']:,} frames seen)")
-            targets = sorted({fl, max(fb, fl), fl * 1.02, fl * 1.05, fl * 1.10}, reverse=True)
-            for tgt in targets:
-                tb, tl = first_time(hb, tgt), first_time(hl, tgt)
-                ratio = f"{tl / tb:6.2f}x" if tb and tl else "   n/a"
-                sb = f"{tb:7.1f} s" if tb is not None else "  never"
-                sl = f"{tl:7.1f} s" if tl is not None else "  never"
-                tag = " (= Lloyd's final loss)" if tgt == fl else (" (= LBG's final loss)" if tgt == fb else "")
-                print(f"    loss <= {tgt:.4f}{tag:<24} LBG {sb}   Lloyd {sl}   Lloyd/LBG time {ratio}")
+              "(loss on streamq's evaluation sample, shared by all streamq runs; wall_seconds inside fit):")
+    for r in range(a.repeats if lbgs and lloyds else 0):
+        for m in lbgs + lloyds:
+            h = models[m][r].history_
+            print(f"  [repeat {r}] {m:<22} final eval loss {h[-1]['loss']:.4f} at {h[-1]['wall_seconds']:7.1f} s "
+                  f"({h[-1]['frames_seen']:,} frames seen)")
+        for lb in lbgs:
+            for ll in lloyds:
+                hb, hl = models[lb][r].history_, models[ll][r].history_
+                fb, fl = hb[-1]["loss"], hl[-1]["loss"]
+                print(f"    {lb} vs {ll}:")
+                for tgt, tag in sorted({(fl * 1.10, "Lloyd final +10%"), (fl * 1.02, "Lloyd final +2%"),
+                                        (fl, "Lloyd final"), (fb, "LBG final")}, reverse=True):
+                    tb, tl = first_time(hb, tgt), first_time(hl, tgt)
+                    ratio = f"{tl / tb:6.2f}x" if tb and tl else "   n/a"
+                    sb = f"{tb:7.1f} s" if tb is not None else "  never"
+                    sl = f"{tl:7.1f} s" if tl is not None else "  never"
+                    print(f"      loss <= {tgt:.4f} ({tag:<16}) LBG {sb}   Lloyd {sl}   Lloyd time / LBG time {ratio}")
 
 
 if __name__ == "__main__":
