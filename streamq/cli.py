@@ -59,7 +59,8 @@ def cmd_fit(a):
 
     s = run_fit(a.store, a.out, k=a.k, method=a.method, batch_size=a.batch_size, steps=a.steps, decay=a.decay,
                 eps=a.eps, seed=a.seed, resume=a.resume, repair=not a.no_repair, quiet=a.quiet)
-    print(f"{a.out}: K={s['k']} {s['method']} codebook; held-out loss {s['loss']:.4f}, "
+    which = "held-out" if s["heldout"] else "training-sample"
+    print(f"{a.out}: K={s['k']} {s['method']} codebook; {which} loss {s['loss']:.4f}, "
           f"entropy {s['entropy']:.3f} / log K {s['log_k']:.3f}, {s['dead']} dead, {s['repaired']} repaired, "
           f"{s['wall_seconds']:.1f} s")
 

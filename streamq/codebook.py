@@ -111,11 +111,36 @@ def plan_shifts(C: np.ndarray, n: np.ndarray, sse: np.ndarray, max_moves: int, g
     return np.array(out_i, np.int64), np.array(out_j, np.int64)
 
 
+def held_out(source, k: int, eval_size: int, seed: int):
+    """The fixed evaluation sample and the frame indices to keep out of training.
+
+    max(eval_size, 8·K) frames, at most a tenth of the source, held out of training when that is at least
+    2·K frames and what remains has at least 4·K; otherwise (tiny data) the sample is drawn from the training
+    frames and the returned exclusion is None.
+    """
+    n = min(max(eval_size, 8 * k), source.n_frames // 10)
+    if n >= 2 * k and source.n_frames - n >= 4 * k:
+        idx = source.sample_indices(n, seed=_derive(seed, 7))
+        return source.take(idx), idx
+    return source.sample(min(source.n_frames, max(eval_size, 8 * k)), seed=_derive(seed, 7)), None
+
+
 def _check_k(k, source):
     if k < 1:
         raise ValueError(f"k must be >= 1, got {k}")
     if k > source.n_frames:
         raise ValueError(f"k={k} is larger than the number of frames ({source.n_frames}) in {source.name}")
+
+
+def _sample_excluding(source, n, seed, exclude):
+    """``n`` distinct frames of ``source`` drawn uniformly from those not in ``exclude`` (sorted indices)."""
+    if exclude is None:
+        return source.sample(n, seed=seed)
+    keep = source.n_frames - len(exclude)
+    pos = np.sort(np.random.default_rng(seed).choice(keep, size=n, replace=False))
+    # map positions among kept frames to frame indices: skip over the excluded ones
+    idx = pos + np.searchsorted(exclude - np.arange(len(exclude)), pos, side="right")
+    return source.take(idx)
 
 
 class _Estimator:
@@ -146,8 +171,9 @@ class RandomSample(_Estimator):
         t0 = time.perf_counter()
         source = as_source(source)
         _check_k(self.k, source)
-        self.codebook_ = source.sample(self.k, seed=_derive(self.seed, 1))
-        H = source.sample(min(source.n_frames, max(self.eval_size, 8 * self.k)), seed=_derive(self.seed, 7))
+        H, exclude = held_out(source, self.k, self.eval_size, self.seed)
+        self.heldout_ = exclude is not None
+        self.codebook_ = _sample_excluding(source, self.k, _derive(self.seed, 1), exclude)
         m = evaluate(self.codebook_, H)
         self.counts_ = np.bincount(assign(H, self.codebook_)[0], minlength=self.k).astype(np.float64)
         self.n_repaired_ = 0
@@ -177,11 +203,13 @@ class _Trainer(_Estimator):
         self.usage_ = np.full(K, 1.0 / K)
         self.distortion_ = np.zeros(K)  # EMA of each codeword's summed squared error per batch
         self.age_ = np.zeros(K, np.int64)  # steps since the codeword was born or repaired
+        self.idle_ = np.zeros(K, np.int64)  # steps since the codeword last won a frame (or was born)
         self.counts_ = np.zeros(K)
         self.stage_, self.step_in_stage_ = stage, 0
 
     def _state(self):
         return {"codebook": self.codebook_, "usage": self.usage_, "distortion": self.distortion_, "age": self.age_,
+                "idle": self.idle_,
                 "counts": self.counts_, "stage": self.stage_, "step_in_stage": self.step_in_stage_,
                 "step": self.step_, "frames_seen": self.frames_seen_, "n_repaired": self.n_repaired_,
                 "n_shifted": self.n_shifted_,
@@ -193,7 +221,7 @@ class _Trainer(_Estimator):
 
     def _load_state(self, z):
         self.codebook_, self.usage_ = z["codebook"].astype(np.float32), z["usage"]
-        self.distortion_, self.age_, self.counts_ = z["distortion"], z["age"], z["counts"]
+        self.distortion_, self.age_, self.counts_, self.idle_ = z["distortion"], z["age"], z["counts"], z["idle"]
         self.stage_, self.step_in_stage_ = int(z["stage"]), int(z["step_in_stage"])
         self.step_, self.frames_seen_, self.n_repaired_ = int(z["step"]), int(z["frames_seen"]), int(z["n_repaired"])
         self.n_shifted_ = int(z["n_shifted"])
@@ -216,11 +244,13 @@ class _Trainer(_Estimator):
     # ------------------------------------------------------------ stream
     def _batches(self, source, stage, start, sub=0):
         """Endless batches of stream (stage, sub) from batch number ``start`` on (epochs reseeded, full batches)."""
-        B = min(self._B, source.n_frames)
-        per_epoch = source.n_frames // B
+        n_train = source.n_frames - (0 if self._exclude is None else len(self._exclude))
+        B = min(self._B, n_train)
+        per_epoch = n_train // B
         epoch, skip = divmod(start, per_epoch)
         while True:
-            it = source.iter_minibatches(B, seed=_derive(self.seed, 11, stage, sub, epoch), drop_last=True)
+            it = source.iter_minibatches(B, seed=_derive(self.seed, 11, stage, sub, epoch), drop_last=True,
+                                         exclude=self._exclude)
             for i, X in enumerate(it):
                 if i >= skip:
                     yield X
@@ -236,6 +266,8 @@ class _Trainer(_Estimator):
         self.distortion_ = self.usage_decay * self.distortion_ + (1 - self.usage_decay) * sse
         self.counts_ += counts
         self.age_ += 1
+        self.idle_ += 1
+        self.idle_[counts > 0] = 0
         self.step_ += 1
         self.step_in_stage_ += 1
         self.frames_seen_ += len(X)
@@ -247,10 +279,17 @@ class _Trainer(_Estimator):
         if self.checkpoint and time.perf_counter() - self._last_ckpt > self.checkpoint_seconds:
             self._save()
 
+    def _dead(self):
+        """Dead codewords: no frame won in the last W = max(20, 50·K/B) steps (about 50 frames' worth at a
+        fair share), or a usage EMA under ``dead_threshold`` of the fair share once the EMA has settled."""
+        K = len(self.codebook_)
+        window = max(20, math.ceil(50 * K / self._B))
+        mature = self.age_ >= 1.0 / (1.0 - self.usage_decay)
+        return (self.idle_ >= window) | (mature & (self.usage_ < self.dead_threshold / K))
+
     def _repair(self):
         K = len(self.codebook_)
-        mature = self.age_ >= 1.0 / (1.0 - self.usage_decay)
-        dead = mature & (self.usage_ < self.dead_threshold / K)
+        dead = self._dead()
         n_dead = int(dead.sum())
         if n_dead == 0:
             return
@@ -261,6 +300,7 @@ class _Trainer(_Estimator):
         self.usage_[dead] = 1.0 / K
         self.distortion_[dead] = 0.0
         self.age_[dead] = 0
+        self.idle_[dead] = 0
         self.n_repaired_ += int(n)
 
     def _log(self, H, extra=None):
@@ -268,7 +308,7 @@ class _Trainer(_Estimator):
         K = len(self.codebook_)
         rec = {"method": self.method, "stage": self.stage_, "step": self.step_, "k": K,
                "frames_seen": self.frames_seen_, "wall_seconds": round(self._wall(), 4),
-               "dead": int((self.usage_ < self.dead_threshold / K).sum()), "repaired": self.n_repaired_,
+               "dead": int(self._dead().sum()), "repaired": self.n_repaired_,
                "shifted": self.n_shifted_, **m}
         self.history_.append(rec)
         return rec
@@ -281,7 +321,8 @@ class _Trainer(_Estimator):
         self._t0 = time.perf_counter()
         self._last_ckpt = self._t0
         self.history_, self.step_, self.frames_seen_, self.n_repaired_, self.n_shifted_ = [], 0, 0, 0, 0
-        H = source.sample(min(source.n_frames, max(self.eval_size, 8 * self.k)), seed=_derive(self.seed, 7))
+        H, self._exclude = held_out(source, self.k, self.eval_size, self.seed)
+        self.heldout_ = self._exclude is not None
         self._sigma = H.std(axis=0).astype(np.float32) + np.float32(1e-12)
         self._eps = float(self.eps if self.eps is not None else 0.01)
         extra = None
@@ -318,7 +359,7 @@ class MiniBatchLloyd(_Trainer):
         if isinstance(self.init, str):
             if self.init != "random":
                 raise ValueError(f"init must be 'random' or a (K, D) array, got {self.init!r}")
-            return source.sample(self.k, seed=_derive(self.seed, 1))
+            return _sample_excluding(source, self.k, _derive(self.seed, 1), self._exclude)
         C = np.ascontiguousarray(self.init, dtype=np.float32)
         if C.shape != (self.k, source.dim):
             raise ValueError(f"init codebook has shape {C.shape}, expected ({self.k}, {source.dim})")
@@ -358,6 +399,7 @@ class MiniBatchLloyd(_Trainer):
             self.history_, self.step_, self.frames_seen_, self.n_repaired_, self.n_shifted_ = [], 0, 0, 0, 0
             self._sigma = X.std(axis=0).astype(np.float32) + np.float32(1e-12)
             self._eps = float(self.eps if self.eps is not None else 0.01)
+            self._B, self._exclude = len(X), None
         if X.ndim != 2 or X.shape[1] != self.codebook_.shape[1]:
             raise ValueError(f"batch has shape {X.shape}, codebook dim is {self.codebook_.shape[1]}")
         if not np.isfinite(X).all():
@@ -452,7 +494,7 @@ class LBG(_Trainer):
             movers, targets = plan_shifts(self.codebook_, n, sse, max_moves=max_moves)
             if len(movers) == 0:
                 return
-            model = ("codebook_", "usage_", "distortion_", "age_", "counts_")
+            model = ("codebook_", "usage_", "distortion_", "age_", "counts_", "idle_")
             saved = {k: getattr(self, k).copy() for k in model}
             rng = np.random.default_rng(_derive(self.seed, 17, self.stage_, rnd))
             noise = (rng.standard_normal((len(movers), H.shape[1])) * self._sigma * self._eps).astype(np.float32)
@@ -462,7 +504,7 @@ class LBG(_Trainer):
             self.codebook_ = C
             self.usage_[movers] = self.usage_[targets] = (self.usage_[targets]) / 2
             self.distortion_[movers] = self.distortion_[targets] = self.distortion_[targets] / 2
-            self.age_[movers] = 0
+            self.age_[movers] = self.idle_[movers] = 0
             stream = self._batches(source, self.stage_, 0, sub=1 + rnd)
             last = None
             for i in range(1, self.refine + 1):  # refine until the loss settles, as a stage does
@@ -552,7 +594,8 @@ def run_fit(store, out, k, method="lbg", batch_size=None, steps=None, decay=0.9,
     write_history(est.history_, out / "history.csv")
     last = est.history_[-1]
     return {"k": k, "method": method, "loss": last["loss"], "entropy": last["entropy"], "log_k": last["log_k"],
-            "dead": last["dead"], "repaired": est.n_repaired_, "wall_seconds": last["wall_seconds"]}
+            "dead": last["dead"], "repaired": est.n_repaired_, "wall_seconds": last["wall_seconds"],
+            "heldout": est.heldout_}
 
 
 def run_compare(store, out, k=256, batch_size=None, seed=0, quiet=False) -> dict:

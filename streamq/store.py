@@ -82,7 +82,7 @@ class FrameSource:
 
     # --------------------------------------------------------------- streaming
     def iter_minibatches(self, batch_size: int, seed: int = 0, shuffle: bool = True, window_chunks: int = 4,
-                         check_finite: bool = True, drop_last: bool = False, prefetch: int = 2):
+                         check_finite: bool = True, drop_last: bool = False, prefetch: int = 2, exclude=None):
         """Yield one epoch of float32 (B, D) batches; every frame exactly once.
 
         Shuffled order: chunks in a seeded random order, read ``window_chunks`` at a time by a
@@ -90,6 +90,7 @@ class FrameSource:
         a whole; ``prefetch`` windows are read ahead concurrently. Memory: about (prefetch + 1) ×
         ``window_chunks`` chunks + one batch, whatever N is. ``shuffle=False``
         streams frames in storage order. The last batch may be short unless ``drop_last``.
+        ``exclude``: sorted frame indices to leave out (a held-out set); the epoch covers the rest.
 
         Raises
         ------
@@ -109,6 +110,11 @@ class FrameSource:
             if check_finite:
                 for (a, _), p in zip(windows[w], parts):
                     self._check_finite(p, a)
+            if exclude is not None:
+                for i, (a, b) in enumerate(windows[w]):
+                    lo, hi = np.searchsorted(exclude, [a, b])
+                    if hi > lo:
+                        parts[i] = np.delete(parts[i], exclude[lo:hi] - a, axis=0)
             block = parts[0] if len(parts) == 1 else np.concatenate(parts)
             if shuffle:  # np.take is several times faster than fancy indexing for row gathers
                 block = np.take(block, np.random.default_rng([seed, w]).permutation(len(block)), axis=0)
@@ -137,11 +143,18 @@ class FrameSource:
         if carry is not None and len(carry) and not drop_last:
             yield carry
 
+    def sample_indices(self, n: int, seed: int = 0) -> np.ndarray:
+        """Sorted indices of a uniform sample of ``min(n, N)`` distinct frames (int64)."""
+        n = min(int(n), self.n_frames)
+        return np.sort(np.random.default_rng(seed).choice(self.n_frames, size=n, replace=False)).astype(np.int64)
+
     def sample(self, n: int, seed: int = 0) -> np.ndarray:
         """A uniform sample of ``min(n, N)`` distinct frames, float32 (n, D), reading one chunk at a time."""
-        n = min(int(n), self.n_frames)
-        rng = np.random.default_rng(seed)
-        idx = np.sort(rng.choice(self.n_frames, size=n, replace=False))
+        return self.take(self.sample_indices(n, seed))
+
+    def take(self, idx: np.ndarray) -> np.ndarray:
+        """Frames at sorted indices ``idx``, float32 (len(idx), D), reading one chunk at a time."""
+        n = len(idx)
         out = np.empty((n, self.dim), np.float32)
         done = 0
         for a, b in self.chunk_ranges():

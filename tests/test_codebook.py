@@ -208,3 +208,31 @@ def test_cli_errors_exit_codes(tmp_path):
     assert r.returncode == 2
     r = subprocess.run(_cli("fit", tmp_path / "nope.npy", tmp_path / "o", "--k", 2), capture_output=True, text=True)
     assert r.returncode == 1 and "nope.npy: file not found" in r.stderr
+
+
+def test_evaluation_sample_is_held_out_of_training():
+    from streamq.codebook import _sample_excluding, held_out
+    from streamq.store import as_source
+
+    X = np.arange(200000, dtype=np.float32).reshape(-1, 2)  # row i holds 2i, 2i+1: rows are identifiable
+    src = as_source(X)
+    H, idx = held_out(src, k=16, eval_size=5000, seed=0)
+    assert idx is not None and len(H) == 5000
+    np.testing.assert_array_equal(H, X[idx])
+    init = _sample_excluding(src, 3000, seed=1, exclude=idx)
+    assert not np.isin(init[:, 0], H[:, 0]).any() and len(np.unique(init[:, 0])) == 3000
+    seen = np.concatenate(list(src.iter_minibatches(4096, seed=0, exclude=idx)))
+    assert len(seen) == len(X) - 5000 and not np.isin(seen[:, 0], H[:, 0]).any()
+    tiny = as_source(X[:100])  # too small to hold anything out for K = 16: evaluate on training frames
+    H2, idx2 = held_out(tiny, k=16, eval_size=5000, seed=0)
+    assert idx2 is None and len(H2) == 100
+
+
+def test_lbg_repairs_codewords_that_win_nothing():
+    rng = np.random.default_rng(9)
+    X = rng.normal(size=(30000, 2)).astype(np.float32)
+    X[:40] += 50.0  # a tiny far-away cluster: the codeword split onto it starves its twin
+    est = LBG(64, seed=0, batch_size=2048).fit(X)
+    assert est.history_[-1]["dead"] == 0
+    labels = est.predict(X)
+    assert len(np.unique(labels)) == 64

@@ -165,3 +165,15 @@ def test_array_source_rejects_bad_shapes(rng):
         ArraySource(np.zeros((10, 2), np.int32))
     with pytest.raises(TypeError):
         as_source(object())
+
+
+def test_exclude_leaves_out_exactly_the_held_out_frames(store):
+    s, utts = store
+    allf = np.concatenate([u["frames"] for u in utts])
+    idx = s.sample_indices(700, seed=4)
+    assert np.all(np.diff(idx) > 0)
+    np.testing.assert_array_equal(s.take(idx), allf[idx])
+    got = np.concatenate(list(s.iter_minibatches(333, seed=2, exclude=idx)))
+    rest = np.delete(allf, idx, axis=0)
+    key = lambda a: a[np.lexsort(a.T[::-1])]
+    np.testing.assert_array_equal(key(got), key(rest))

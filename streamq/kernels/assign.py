@@ -222,6 +222,23 @@ def _accumulate_kernel(X, labels, d2, K, n_slices):
     return sums, counts, sse
 
 
+@njit(cache=True, nogil=True)
+def _accumulate_serial(X, labels, d2, K):
+    """Single-threaded :func:`_accumulate_kernel` for small batches: a parallel region costs more than
+    the work when a batch is a few thousand points (and stalls whenever a thread is descheduled)."""
+    B, D = X.shape
+    sums = np.zeros((K, D), dtype=np.float64)
+    counts = np.zeros(K, dtype=np.int64)
+    sse = np.zeros(K, dtype=np.float64)
+    for i in range(B):
+        k = labels[i]
+        counts[k] += 1
+        sse[k] += d2[i]
+        for d in range(D):
+            sums[k, d] += X[i, d]
+    return sums, counts, sse
+
+
 def _prepare_codebook(C):
     """``-2 C`` padded to a multiple of ``_NC`` rows, and ``||c||^2`` (+inf on padding)."""
     K, D = C.shape
@@ -317,7 +334,9 @@ def accumulate(X, labels, d2, K, *, n_slices=None):
     if B and (labels.min() < 0 or labels.max() >= K):
         raise ValueError(f"labels must lie in [0, {K}), got [{labels.min()}, {labels.max()}]")
     if n_slices is None:
-        n_slices = max(1, min(numba.get_num_threads(), B // 4096))
+        n_slices = max(1, min(numba.get_num_threads(), B // 65536))
+    if n_slices == 1:
+        return _accumulate_serial(X, labels, d2, int(K))
     return _accumulate_kernel(X, labels, d2, int(K), int(n_slices))
 
 
