@@ -105,9 +105,18 @@ def _extract_one(args):
         frames, duration = extract(item.path, config)
     except AudioError as e:
         return item, None, 0.0, str(e)
-    except Exception as e:  # never let one clip kill the pool; report it by name
+    except ImportError:  # a broken installation is not a bad clip: stop
+        raise
+    except Exception as e:  # never let one odd clip kill the pool; report it by name
         return item, None, 0.0, f"{item.path}: {type(e).__name__}: {e}"
     return item, frames, duration, None
+
+
+def _write_rejects(path, rejects):
+    with open(path, "w", encoding="utf-8") as f:
+        f.write("id\tpath\treason\n")
+        for r in rejects:
+            f.write("\t".join(x.replace("\t", " ").replace("\n", " ") for x in r) + "\n")
 
 
 def rejects_path(store_path) -> Path:
@@ -180,11 +189,11 @@ def ingest(src, store_path, config: FeatureConfig | None = None, split: str = "v
                 pool.join()
     wall = time.perf_counter() - t0
     rp = rejects_path(store_path)
+    if todo and added == 0 and len(rejects) >= len(todo):
+        _write_rejects(rp, rejects)
+        raise AudioError(f"{src}: all {len(todo)} clips were rejected (first: {rejects[0][2]}); see {rp}")
     if rejects:
-        with open(rp, "w", encoding="utf-8") as f:
-            f.write("id\tpath\treason\n")
-            for r in rejects:
-                f.write("\t".join(x.replace("\t", " ").replace("\n", " ") for x in r) + "\n")
+        _write_rejects(rp, rejects)
     elif rp.exists():
         rp.unlink()
     return {"store": str(store_path), "listed": len(items), "added": added, "frames_added": frames_added,

@@ -154,3 +154,13 @@ def test_resume_after_sigkill(tmp_path, speech_dir):
     assert a.ids == b.ids and len(set(a.ids)) == 48
     np.testing.assert_array_equal(a.offsets, b.offsets)
     np.testing.assert_array_equal(a.read(0, a.n_frames), b.read(0, b.n_frames))
+
+
+def test_all_clips_rejected_is_an_error(tmp_path):
+    d = tmp_path / "bad"
+    d.mkdir()
+    for i in range(3):
+        (d / f"x{i}.mp3").write_bytes(b"not audio" * 10)
+    with pytest.raises(Exception, match=r"all 3 clips were rejected \(first: .*x0.mp3: cannot decode"):
+        ingest(d, tmp_path / "st", quiet=True)
+    assert rejects_path(tmp_path / "st").read_text().count("\n") == 4
