@@ -80,14 +80,19 @@ def cmd_gmm(a):
 
     s = run_gmm(a.store, a.codebook_dir, a.out, iters=a.iters, resume=a.resume, gselect=a.gselect, seed=a.seed,
                 quiet=a.quiet)
-    print(json.dumps(s, default=str))
+    print(f"{s['out']}: {s['n_components']}-component diagonal GMM, {s['iterations']} EM iterations over "
+          f"{s['frames']:,} frames; held-out log-likelihood {s['heldout_loglik']:.4f} per frame, "
+          f"{s['reseeded']} re-seeded, {s['seconds']:.1f} s")
 
 
 def cmd_align(a):
     from .align import run_align
 
-    s = run_align(a.store, a.model, a.out, iters=a.iters, jobs=a.jobs, plots=a.plot, seed=a.seed, quiet=a.quiet)
-    print(json.dumps(s, default=str))
+    s = run_align(a.store, a.model, a.out, iters=a.iters, jobs=a.jobs, plots=a.plot, seed=a.seed, quiet=a.quiet,
+                  states_per_symbol=a.states_per_symbol)
+    print(f"{s['out']}: aligned {s['aligned']} of {s['utterances']} utterances ({s['aligned_hours']:.3f} h) in "
+          f"{s['iterations']} EM iterations, log-likelihood {s['loglik_per_frame']:.4f} per frame, "
+          f"{s['seconds']:.1f} s; {s['unaligned']} unaligned (see unaligned.tsv)")
 
 
 # --------------------------------------------------------------------- parser
@@ -161,6 +166,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--iters", type=_positive_int, default=30)
     p.add_argument("--jobs", type=_positive_int, default=1)
     p.add_argument("--plot", type=int, default=0, help="draw pictures for the first N utterances")
+    p.add_argument("--states-per-symbol", type=_positive_int, default=3, help="HMM states per character (default 3)")
     p.add_argument("--seed", type=int, default=0)
     _add_common(p)
     p.set_defaults(func=cmd_align)
