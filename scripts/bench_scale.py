@@ -12,10 +12,6 @@ ru_maxrss from wait4), dead codewords at the end (goal 0), repairs and utility s
 and the fit's summary line), and a per-stage time table. Running two sizes (e.g. ``--ns 2000000,11000000``)
 shows whether time or memory grow with N; the ratios are printed.
 
-``--patched`` runs the same CLI with the kernel-launch changes of scripts/bench_kmeans.py
-(``patched_kernels``) monkeypatched in, and ``--patch-repair`` with the hit-based dead-codeword detection
-of ``patch_repair``, to measure those proposed library changes at this scale.
-
     python scripts/bench_scale.py --ns 2000000,11000000
     python scripts/bench_scale.py --ns 200000 --k 1024          # quick check
 """
@@ -34,65 +30,12 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 _BAD_ENV = ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE")
 
-_PATCHED_MAIN = (
-    "import sys; sys.path.insert(0, {here!r}); import bench_kmeans as b, bench_scale as s, streamq.codebook as cb; "
-    "{patches}; from streamq.cli import main; sys.exit(main())"
-)
-
-
-def patch_repair(min_window=20, expected_hits=50):
-    """Proposed death detection (monkeypatched over ``_Trainer._repair``; NOT library code).
-
-    The library flags a codeword dead when its usage EMA (decay 0.99, starting at 1/K) falls under 0.02/K:
-    a codeword that is never hit needs ln(50)/-ln(0.99) = 389 steps for that, longer than an LBG stage
-    (about 250 steps), so repair cannot fire during LBG. Here a codeword is also dead when it got no frame
-    in the last W steps, W = max(min_window, expected_hits * K / B) (so it would have expected at least
-    ``expected_hits`` frames), counting only steps since its birth (age). The move itself is the library's
-    ``repair_dead``."""
-    import math
-
-    import numpy as np
-
-    import streamq.codebook as cb
-
-    def _repair(self):
-        K = len(self.codebook_)
-        chk = getattr(self, "_chk", None)
-        if chk is None or chk[0] != self.stage_ or len(chk[1]) != K or (self.counts_ < chk[1]).any():
-            chk = (self.stage_, self.counts_.copy(), np.zeros(K, np.int64), self.step_)
-        _, prev, silent, last_step = chk
-        silent = np.where(self.counts_ > prev, 0, silent + (self.step_ - last_step))
-        silent = np.minimum(silent, self.age_)
-        W = max(min_window, math.ceil(expected_hits * K / self._B))
-        mature = self.age_ >= 1.0 / (1.0 - self.usage_decay)
-        dead = (mature & (self.usage_ < self.dead_threshold / K)) | (silent >= W)
-        n_dead = int(dead.sum())
-        if n_dead:
-            rng = np.random.default_rng(cb._derive(self.seed, 13, self.stage_, self.step_))
-            noise = (rng.standard_normal((n_dead, self.codebook_.shape[1])) * self._sigma).astype(np.float32)
-            self.codebook_, n = cb.repair_dead(self.codebook_, dead, self.distortion_, self.counts_, self._eps,
-                                               noise)
-            self.usage_[dead] = 1.0 / K
-            self.distortion_[dead] = 0.0
-            self.age_[dead] = 0
-            self.n_repaired_ += int(n)
-            silent[dead] = 0
-        self._chk = (self.stage_, self.counts_.copy(), silent, self.step_)
-
-    cb._Trainer._repair = _repair
-
-
-def run_fit(store, out, k, threads, patched, extra, repair_patch=False):
+def run_fit(store, out, k, threads, extra):
     env = {k_: v for k_, v in os.environ.items() if k_ not in _BAD_ENV}
     env["NUMBA_NUM_THREADS"] = str(threads)
     env["OMP_NUM_THREADS"] = str(threads)
     args = ["fit", str(store), str(out), "--k", str(k), "--method", "lbg", "--quiet", *extra]
-    patches = (["cb.accumulate, cb.assign = b.patched_kernels()"] if patched else []) + \
-        (["s.patch_repair()"] if repair_patch else [])
-    if patches:
-        cmd = [sys.executable, "-c", _PATCHED_MAIN.format(here=str(HERE), patches="; ".join(patches)), *args]
-    else:
-        cmd = [str(Path(sys.executable).parent / "streamq"), *args]
+    cmd = [str(Path(sys.executable).parent / "streamq"), *args]
     import psutil
 
     t0 = time.perf_counter()
@@ -149,9 +92,6 @@ def main():
     ap.add_argument("--out-dir", default="/tmp/bench_scale", help="fit outputs go to OUT-DIR/n<N>_k<K>")
     ap.add_argument("--dead-sample", type=int, default=1_000_000,
                     help="frames sampled from the store after the fit to count codewords no frame picks (0: skip)")
-    ap.add_argument("--patched", action="store_true", help="monkeypatch the proposed kernel-launch change")
-    ap.add_argument("--patch-repair", action="store_true",
-                    help="monkeypatch the proposed hit-based dead-codeword detection (patch_repair)")
     ap.add_argument("fit_args", nargs="*", help="extra `streamq fit` arguments after --, e.g. -- --steps 100")
     a = ap.parse_args()
     ns = [a.n] if a.n else [int(x) for x in a.ns.split(",")]
@@ -170,14 +110,11 @@ def main():
             print(f"making {store} ({n:,} frames) ...", flush=True)
             s = write_store(store, n, seed=a.seed, quiet=True)
             print(f"  {s['frames']:,} frames, {s['utterances']:,} utterances in {s['seconds']:.1f} s", flush=True)
-        out = Path(a.out_dir) / (f"n{n}_k{a.k}{'_patched' if a.patched else ''}"
-                                 f"{'_repairpatch' if a.patch_repair else ''}")
+        out = Path(a.out_dir) / f"n{n}_k{a.k}"
         out.mkdir(parents=True, exist_ok=True)
         print(f"N = {n:,}: streamq fit {store} {out} --k {a.k} --method lbg --quiet"
-              f"{' ' + ' '.join(a.fit_args) if a.fit_args else ''}{'  [patched kernels]' if a.patched else ''}"
-              f"{'  [patched repair]' if a.patch_repair else ''}",
-              flush=True)
-        r = run_fit(store, out, a.k, a.threads, a.patched, a.fit_args, a.patch_repair)
+              f"{' ' + ' '.join(a.fit_args) if a.fit_args else ''}", flush=True)
+        r = run_fit(store, out, a.k, a.threads, a.fit_args)
         if r["rc"] != 0:
             print(f"  FAILED rc={r['rc']}\n{r['stderr'][-3000:]}")
             continue

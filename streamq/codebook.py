@@ -418,15 +418,19 @@ class LBG(_Trainer):
     refine : maximum EMA-Lloyd steps per stage (a stage stops earlier when the evaluation loss improves by
         less than ``tol`` (relative) over ``check_every`` steps).
     decay : λ of the EMA update (0.9).
+    passes : exact Lloyd iterations over all training frames after the last stage (default 3). Each one
+        sets every codeword to the mean of the frames it wins, removing the EMA's minibatch noise, and
+        moves any codeword that won no frame at all next to the most distorted one.
     """
 
     method = "lbg"
 
-    def __init__(self, k, eps=0.01, refine=200, decay=0.9, tol=2e-3, check_every=10, min_steps=20,
-                 final_refine=None, rebalance=True, rebalance_rounds=4, **kw):
+    def __init__(self, k, eps=0.01, refine=200, decay=0.9, tol=5e-3, check_every=10, min_steps=20,
+                 final_refine=None, rebalance=True, rebalance_rounds=4, passes=3, **kw):
         super().__init__(k, decay=decay, eps=eps, **kw)
         self.refine, self.tol, self.check_every, self.min_steps = refine, tol, check_every, min_steps
         self.final_refine, self.rebalance, self.rebalance_rounds = final_refine, rebalance, rebalance_rounds
+        self.passes = passes
 
     def _default_batch(self):
         return int(np.clip(16 * self.k, 8192, 65536))
@@ -443,10 +447,11 @@ class LBG(_Trainer):
         if extra is None:
             mean = H.mean(axis=0, dtype=np.float64).astype(np.float32)[None, :]
             self._init_state(mean, stage=0)
-            self._stage_done, self._last_loss, self._phase = -1, None, "refine"
+            self._stage_done, self._last_loss, self._phase, self._passes_done = -1, None, "refine", 0
             self._log(H)
         else:
             self._stage_done, self._last_loss, self._phase = extra["stage_done"], extra["last_loss"], extra["phase"]
+            self._passes_done = extra["passes_done"]
         ks = self.stages()
         with bar(len(ks), desc=f"lbg K={self.k}", unit="stage", quiet=self.quiet,
                  initial=self._stage_done + 1) as pb:
@@ -466,10 +471,48 @@ class LBG(_Trainer):
                 pb.update(1)
                 rec = self.history_[-1]
                 pb.set_postfix_str(f"K={rec['k']} loss {rec['loss']:.4g} dead {rec['dead']}", refresh=False)
+        with bar(self.passes, desc=f"lloyd passes K={self.k}", unit="pass", quiet=self.quiet,
+                 initial=self._passes_done) as pb:
+            while self._passes_done < self.passes:
+                self._full_pass(source, H)
+                self._passes_done += 1
+                self._save()
+                pb.update(1)
         return self
 
+    def _full_pass(self, source, H):
+        """One exact Lloyd iteration over every training frame (storage order, bounded memory)."""
+        C = self.codebook_
+        K, D = C.shape
+        sums, counts, sse = np.zeros((K, D)), np.zeros(K, np.int64), np.zeros(K)
+        for X in source.iter_minibatches(max(self._B, 65536), shuffle=False, exclude=self._exclude):
+            labels, d2 = assign(X, C)
+            s, c, e = accumulate(X, labels, d2, K)
+            sums += s
+            counts += c
+            sse += e
+            self.frames_seen_ += len(X)
+        hit = counts > 0
+        C = C.copy()
+        C[hit] = (sums[hit] / counts[hit, None]).astype(np.float32)
+        self.codebook_, self.counts_, self.distortion_ = C, counts.astype(np.float64), sse
+        self.idle_[:] = np.where(hit, 0, self.idle_)
+        dead = ~hit
+        if dead.any():  # won nothing in a whole pass: move next to the most distorted codewords
+            rng = np.random.default_rng(_derive(self.seed, 19, self._passes_done))
+            noise = (rng.standard_normal((int(dead.sum()), D)) * self._sigma).astype(np.float32)
+            self.codebook_, n = repair_dead(self.codebook_, dead, sse, counts, self._eps, noise)
+            self.n_repaired_ += int(n)
+            self.idle_[dead] = 0
+        self.usage_ = counts / max(counts.sum(), 1)
+        self.step_ += 1
+        rec = self._log(H)
+        rec["stage"] = "pass"
+        rec["dead"] = int(dead.sum())
+
     def _extra_state(self):
-        return {"stage_done": self._stage_done, "last_loss": self._last_loss, "phase": self._phase}
+        return {"stage_done": self._stage_done, "last_loss": self._last_loss, "phase": self._phase,
+                "passes_done": self._passes_done}
 
     def _split_to(self, k_new, stage):
         C, K = self.codebook_, len(self.codebook_)

@@ -236,3 +236,14 @@ def test_lbg_repairs_codewords_that_win_nothing():
     assert est.history_[-1]["dead"] == 0
     labels = est.predict(X)
     assert len(np.unique(labels)) == 64
+
+
+def test_final_lloyd_passes_never_raise_the_training_loss():
+    rng = np.random.default_rng(10)
+    _, X = blobs(rng, n_clusters=40, n=20000, d=3, spread=2.0, noise=0.5)
+    a = LBG(32, seed=0, passes=0, eval_size=2000).fit(X)
+    b = LBG(32, seed=0, passes=1, eval_size=2000).fit(X)
+    np.testing.assert_array_equal(a.history_[-1]["k"], 32)
+    train = np.delete(X, b._exclude, axis=0)
+    assert full_loss(b.codebook_, train) <= full_loss(a.codebook_, train) + 1e-6
+    assert b.history_[-1]["stage"] == "pass" and b.counts_.sum() == len(train)
