@@ -18,9 +18,7 @@ batch ``--mbk-batch``, other parameters default). Everything runs with ``--threa
 process, repeats interleaved; compile time is kept out (warm-up on a tiny input). Printed per method:
 median wall seconds, median held-out MSE, wall time / faiss's, loss / sklearn k-means++'s.
 
-Opt-in (``--methods``): ``streamq-lbg-patched`` / ``streamq-lloyd-patched``, the same estimators with two
-kernel-launch changes monkeypatched in (see ``patched_kernels``), to measure a proposed library change
-(``streamq-lbg-serialacc``: only the serial accumulate); ``streamq-lbg-custom``: LBG with ``--lbg-kw``;
+Opt-in (``--methods``): ``streamq-lbg-custom``: LBG with ``--lbg-kw``;
 ``streamq-lloyd-long``: MiniBatchLloyd run for ``--long-steps`` steps (about LBG's frame budget) instead
 of its default two passes.
 
@@ -127,56 +125,6 @@ def first_time(history, target):
 
 
 # --------------------------------------------------------------------------- methods
-_PATCH_MIN_WORK = 20_000_000  # B*K*D below which the patched assign runs on one thread
-
-
-def patched_kernels(small_assign_one_thread=True):
-    """(accumulate, assign) replacements measured as the '-patched' methods (NOT library code):
-    accumulate compiled without ``parallel`` (it is ~0.1 ms of work per batch, but a 2-thread parallel
-    region waits for the second thread to be scheduled, which on a loaded machine costs milliseconds), and
-    assign run on one thread when the batch is small (B*K*D < 2e7, ~1 ms of work) for the same reason."""
-    import numba
-    from numba import njit
-
-    from streamq.kernels import assign as A
-
-    ser = njit(A._accumulate_kernel.py_func, parallel=False, nogil=True)
-
-    def accumulate(X, labels, d2, K, n_slices=None):
-        return ser(np.ascontiguousarray(X, dtype=np.float32), np.ascontiguousarray(labels, dtype=np.int64),
-                   np.ascontiguousarray(d2, dtype=np.float32), int(K), 1)
-
-    def assign(X, C, *args, **kw):
-        if small_assign_one_thread and np.shape(X)[0] * np.shape(C)[0] * np.shape(C)[1] < _PATCH_MIN_WORK:
-            n = numba.get_num_threads()
-            numba.set_num_threads(1)
-            try:
-                return A.assign(X, C, *args, **kw)
-            finally:
-                numba.set_num_threads(n)
-        return A.assign(X, C, *args, **kw)
-
-    return accumulate, assign
-
-
-class _patched:
-    """Context: streamq.codebook uses the patched kernels inside the block."""
-
-    def __init__(self, small_assign_one_thread=True):
-        self.new = patched_kernels(small_assign_one_thread)
-
-    def __enter__(self):
-        import streamq.codebook as cb
-
-        self.old = cb.accumulate, cb.assign
-        cb.accumulate, cb.assign = self.new
-
-    def __exit__(self, *exc):
-        import streamq.codebook as cb
-
-        cb.accumulate, cb.assign = self.old
-
-
 def make_methods(a, d):
     import faiss
     from sklearn.cluster import KMeans, MiniBatchKMeans
@@ -199,22 +147,6 @@ def make_methods(a, d):
         m = MiniBatchLloyd(k, seed=seed, steps=a.long_steps).fit(X)
         return m.codebook_, m
 
-    patch = _patched()
-
-    def lbg_p(X, k, seed):
-        with patch:
-            return lbg(X, k, seed)
-
-    patch_acc = _patched(small_assign_one_thread=False)
-
-    def lbg_pa(X, k, seed):
-        with patch_acc:
-            return lbg(X, k, seed)
-
-    def lloyd_p(X, k, seed):
-        with patch:
-            return lloyd(X, k, seed)
-
     def fk(X, k, seed):
         km = faiss.Kmeans(d, k, niter=20, seed=seed)
         km.train(X)
@@ -231,8 +163,7 @@ def make_methods(a, d):
         return km.cluster_centers_.astype(np.float32), km
 
     all_m = {"streamq-lbg": lbg, "streamq-lloyd": lloyd, "faiss": fk, "sklearn-kmeans++": skm,
-             "sklearn-minibatch": smbk, "streamq-lbg-patched": lbg_p, "streamq-lloyd-patched": lloyd_p,
-             "streamq-lbg-serialacc": lbg_pa, "streamq-lbg-custom": lbg_custom,
+             "sklearn-minibatch": smbk, "streamq-lbg-custom": lbg_custom,
              "streamq-lloyd-long": lloyd_long}
     want = a.methods.split(",")
     bad = [m for m in want if m not in all_m]
@@ -322,7 +253,7 @@ def main():
         print(f"  {m:<22} {med[m]:8.2f} {statistics.median(cpus[m]):8.2f} {ml[m]:13.4f} {statistics.median(util[m]):6.3f} {rt} {rl}")
 
     # claim 1: LBG reaches sklearn k-means++'s held-out loss in less wall time than faiss
-    for lb in ("streamq-lbg", "streamq-lbg-patched", "streamq-lbg-custom"):
+    for lb in ("streamq-lbg", "streamq-lbg-custom"):
         if lb in methods and tf and lref:
             ok_loss, ok_time = ml[lb] <= lref, med[lb] < tf
             print(f"\nclaim 1 ({lb}): held-out loss {ml[lb]:.4f} vs sklearn k-means++ {lref:.4f} "
@@ -332,14 +263,9 @@ def main():
     if "faiss" in methods and lref:
         print(f"faiss held-out loss / sklearn k-means++'s = {ml['faiss'] / lref:.4f}")
 
-    for base in ("streamq-lbg", "streamq-lloyd"):
-        if base in methods and base + "-patched" in methods:
-            print(f"\n{base}: wall time unpatched / patched = {med[base] / med[base + '-patched']:.2f} "
-                  f"(held-out loss {ml[base]:.4f} vs {ml[base + '-patched']:.4f})")
-
     # claim 2: time to a given loss, LBG vs MiniBatchLloyd, from history_ (streamq's evaluation sample)
-    lbgs = [m for m in ("streamq-lbg", "streamq-lbg-patched", "streamq-lbg-custom") if m in methods]
-    lloyds = [m for m in ("streamq-lloyd", "streamq-lloyd-patched", "streamq-lloyd-long") if m in methods]
+    lbgs = [m for m in ("streamq-lbg", "streamq-lbg-custom") if m in methods]
+    lloyds = [m for m in ("streamq-lloyd", "streamq-lloyd-long") if m in methods]
     if lbgs and lloyds:
         print("\nclaim 2 (seed: LBG ~10x faster to a given loss than minibatch Lloyd), from history_ "
               "(loss on streamq's evaluation sample, shared by all streamq runs; wall_seconds inside fit):")

@@ -507,7 +507,7 @@ class LBG(_Trainer):
         self.usage_ = counts / max(counts.sum(), 1)
         self.step_ += 1
         rec = self._log(H)
-        rec["stage"] = "pass"
+        rec["pass"] = self._passes_done + 1
         rec["dead"] = int(dead.sum())
 
     def _extra_state(self):

@@ -246,4 +246,4 @@ def test_final_lloyd_passes_never_raise_the_training_loss():
     np.testing.assert_array_equal(a.history_[-1]["k"], 32)
     train = np.delete(X, b._exclude, axis=0)
     assert full_loss(b.codebook_, train) <= full_loss(a.codebook_, train) + 1e-6
-    assert b.history_[-1]["stage"] == "pass" and b.counts_.sum() == len(train)
+    assert b.history_[-1]["pass"] == 1 and b.counts_.sum() == len(train)
