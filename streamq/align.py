@@ -23,9 +23,7 @@ Entry points: :func:`run_align` (the ``streamq align`` command) and :class:`Alig
 from __future__ import annotations
 
 import concurrent.futures
-import csv
 import json
-import math
 import re
 import time
 import unicodedata
@@ -36,7 +34,7 @@ import numpy as np
 
 from .kernels.hmm import (diag_gauss_loglik, forward_backward, frame_normalise, mixture_counts,
                           mixture_likelihoods, nearest_stats, occupancy_by_unit, viterbi)
-from .progress import bar, log
+from .progress import bar, log, write_records
 
 SIL = "<sil>"
 _APOSTROPHES = set("'’ʼ‘`´")
@@ -715,10 +713,8 @@ def run_align(store_path, model_dir, out_dir, iters=30, jobs=1, plots=0, states_
     al = Aligner(model, states_per_symbol=states_per_symbol, n_iter=iters, jobs=jobs, quiet=quiet, **aligner_kw)
     al.fit(corpus)
 
-    with open(out / "history.csv", "w", newline="") as f:
-        wr = csv.DictWriter(f, ["iteration", "loglik", "loglik_per_frame", "aligned", "log_fallbacks", "seconds"])
-        wr.writeheader()
-        wr.writerows(al.history_)
+    write_records(al.history_, out / "history.csv",
+                  ["iteration", "loglik", "loglik_per_frame", "aligned", "log_fallbacks", "seconds"], extras=False)
 
     plot_set = set([i for i in range(corpus.n) if al.chains_[i] is not None][:int(plots)])
     step = corpus.frame_step

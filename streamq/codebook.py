@@ -32,7 +32,7 @@ import numpy as np
 
 from .kernels.assign import accumulate, assign
 from .kernels.lloyd import ema_update, repair_dead, split
-from .progress import bar, log
+from .progress import bar, log, write_records
 from .store import as_source
 
 METRIC_COLUMNS = ["method", "stage", "step", "k", "frames_seen", "wall_seconds", "loss", "entropy", "log_k",
@@ -585,16 +585,7 @@ class LBG(_Trainer):
 # ---------------------------------------------------------------- files and CLI entry points
 def write_history(records, path):
     """Write metric records as CSV (columns: METRIC_COLUMNS, then any others)."""
-    import csv
-
-    cols = list(METRIC_COLUMNS) + sorted({k for r in records for k in r} - set(METRIC_COLUMNS))
-    tmp = Path(str(path) + ".tmp")
-    with open(tmp, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=cols, extrasaction="ignore")
-        w.writeheader()
-        for r in records:
-            w.writerow({c: r.get(c, "") for c in cols})
-    os.replace(tmp, path)
+    write_records(records, path, METRIC_COLUMNS)
 
 
 def make_estimator(method, k, batch_size=None, steps=None, decay=0.9, eps=None, seed=0, repair=True,

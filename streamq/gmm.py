@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import contextlib
 import csv
-import math
 import os
 import time
 from pathlib import Path
@@ -33,7 +32,7 @@ import numba
 import numpy as np
 
 from .kernels import gmm as _k
-from .progress import bar, log
+from .progress import bar, log, write_records
 
 
 
@@ -427,15 +426,7 @@ def load_gmm(path, **kw) -> DiagGMM:
 
 def write_history(records, path) -> None:
     """Write history records to CSV atomically."""
-    def w(tmp):
-        with open(tmp, "w", newline="") as fh:
-            wr = csv.DictWriter(fh, fieldnames=HISTORY_FIELDS, extrasaction="ignore")
-            wr.writeheader()
-            for r in records:
-                wr.writerow({k: ("" if isinstance(r.get(k), float) and math.isnan(r[k]) else r.get(k))
-                             for k in HISTORY_FIELDS})
-
-    _atomic(Path(path), w)
+    write_records(records, path, HISTORY_FIELDS, extras=False)
 
 
 def read_history(path) -> list[dict]:
