@@ -22,7 +22,6 @@ statistics in float64; the M-step then works on (K, D) arrays only. Memory is bo
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import os
 import time
@@ -32,26 +31,16 @@ import numba
 import numpy as np
 
 from .kernels import gmm as _k
+from .kernels.assign import assign
 from .progress import bar, log, write_records
 
 
 
 def _blas_single_thread():
     """Keep BLAS single-threaded while the Numba threads call it (no oversubscription)."""
-    try:
-        from threadpoolctl import threadpool_limits
-    except ImportError:  # optional: without it BLAS may oversubscribe, results are the same
-        return contextlib.nullcontext()
+    from threadpoolctl import threadpool_limits
+
     return threadpool_limits(1, user_api="blas")
-
-
-def _assign(X, C):
-    """Nearest codeword: the shared kernel, or a plain Numba stand-in if it is not importable."""
-    try:
-        from .kernels.assign import assign
-    except ImportError:
-        return _k.nearest_codeword(X, C)
-    return assign(X, C)
 
 
 def _as_frames(X, dim=None, name="X") -> np.ndarray:
@@ -226,7 +215,7 @@ class DiagGMM:
         n, f, s = np.zeros(K), np.zeros((K, D)), np.zeros((K, D))
         with bar(src.n_frames, "GMM init (assign)", "frame", self.quiet) as pb:
             for X in src.iter_minibatches(self.batch_size, shuffle=False):
-                labels, _ = _assign(X, C)
+                labels, _ = assign(X, C)
                 bn, bf, bs = _k.cluster_stats(X, labels, K, shift, numba.get_num_threads())
                 n += bn
                 f += bf

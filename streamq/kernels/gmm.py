@@ -374,35 +374,3 @@ def cluster_stats(X, labels, K, shift, n_chunks):
                 f[k, d] += tf[c, k, d]
                 s[k, d] += ts[c, k, d]
     return n, f, s
-
-
-@njit(cache=True, parallel=True)
-def nearest_codeword(X, C):
-    """Nearest codeword by squared L2 (stand-in until ``streamq.kernels.assign`` is available).
-
-    Parameters
-    ----------
-    X : float32 (N, D) IN. C : float32 (K, D) IN.
-
-    Returns
-    -------
-    labels : int64 (N,) OUT. d2 : float32 (N,) OUT, clamped at 0.
-    """
-    N, D = X.shape
-    K = C.shape[0]
-    labels = np.empty(N, np.int64)
-    d2 = np.empty(N, np.float32)
-    for t in prange(N):
-        best = np.inf
-        bk = 0
-        for k in range(K):
-            s = 0.0
-            for d in range(D):
-                v = np.float64(X[t, d]) - np.float64(C[k, d])
-                s += v * v
-            if s < best:
-                best = s
-                bk = k
-        labels[t] = bk
-        d2[t] = max(best, 0.0)
-    return labels, d2
