@@ -1,0 +1,350 @@
+"""Hierarchical Gaussian selection kernels: per-frame top-n components of a diagonal GMM without scoring all K.
+
+The K Gaussians are grouped (``streamq.selection.build_selection``); group ``j`` holds the components
+``member_idx[member_ptr[j]:member_ptr[j + 1]]`` and has a representative Gaussian (the moment-matched merge
+of its members). Per frame x, with x' = x - shift and z = [x', x'^2] (the dot-product form of
+:mod:`streamq.kernels.gmm`)::
+
+    1. score the G representatives:      r_j = rep_const_j + z . rep_W[:, j]          (G dot products)
+    2. keep the g best groups (ties: lower group index first)
+    3. score their members:              s_p = mem_const_p + z . mem_W[:, p]         (sum of group sizes)
+    4. keep the n best members by s (min-heap of size n; ties: lower component index first)
+    5. re-evaluate the n kept exactly in float64 by the direct form
+           log w_k N(x | mu_k, diag s2_k) = lconst_k - 1/2 sum_d (x_d - mu_kd)^2 prec_kd,
+           lconst_k = log w_k - 1/2 sum_d log(2 pi s2_kd),  prec_kd = 1 / s2_kd
+       and return them sorted by decreasing value (ties: lower component index first).
+
+Steps 1 and 3 run in the dtype of ``rep_W`` / ``mem_W`` (float32: ranking only, per-value error ~1e-6
+relative on centred data); the returned log-likelihoods are always float64 from step 5. The per-frame work is
+G + (sizes of the g groups searched) dot products of length 2D, plus O(n D): nothing proportional to K unless
+g = G. With g = G and n = K every component is scored and kept: the exact mode is the same code path.
+
+Companions turn the lists into frame log-likelihoods (log-sum-exp over the n), posteriors, and zeroth / first /
+second order EM statistics (float64, one buffer per thread chunk, reduced after the ``prange``), and re-score
+stored lists under new parameters (Kaldi's reuse of ``gmm-gselect`` output across iterations).
+
+Member-order arrays (``mem_const``, ``mem_W``) are indexed by position p in ``member_idx`` (component
+``member_idx[p]``); ``means``, ``prec``, ``lconst`` are in component order. No fastmath: log-domain values
+may be -inf (a zero-weight component).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import njit, prange
+
+
+# ------------------------------------------------------------------ top-n heap
+@njit(cache=True)
+def _worse(v1, i1, v2, i2):
+    """True if (v1, i1) ranks below (v2, i2): smaller value, or equal value and larger index."""
+    return v1 < v2 or (v1 == v2 and i1 > i2)
+
+
+@njit(cache=True)
+def _sift_down(hv, hi, p, n):
+    """Restore the min-heap (worst at the root) below position p of hv[:n], hi[:n]."""
+    while True:
+        c = 2 * p + 1
+        if c >= n:
+            return
+        if c + 1 < n and _worse(hv[c + 1], hi[c + 1], hv[c], hi[c]):
+            c += 1
+        if _worse(hv[c], hi[c], hv[p], hi[p]):
+            tv = hv[c]
+            ti = hi[c]
+            hv[c] = hv[p]
+            hi[c] = hi[p]
+            hv[p] = tv
+            hi[p] = ti
+            p = c
+        else:
+            return
+
+
+@njit(cache=True)
+def _push(hv, hi, cnt, cap, v, i):
+    """Offer (v, i) to the heap of the best ``cap`` items held in hv[:cnt], hi[:cnt]; returns the new count."""
+    if cnt < cap:
+        p = cnt
+        hv[p] = v
+        hi[p] = i
+        while p > 0:  # sift up
+            q = (p - 1) // 2
+            if _worse(hv[p], hi[p], hv[q], hi[q]):
+                tv = hv[q]
+                ti = hi[q]
+                hv[q] = hv[p]
+                hi[q] = hi[p]
+                hv[p] = tv
+                hi[p] = ti
+                p = q
+            else:
+                break
+        return cnt + 1
+    if _worse(hv[0], hi[0], v, i):
+        hv[0] = v
+        hi[0] = i
+        _sift_down(hv, hi, 0, cap)
+    return cnt
+
+
+@njit(cache=True)
+def _heap_sort_desc(hv, hi, cnt):
+    """Sort hv[:cnt], hi[:cnt] in place by decreasing value (ties: increasing index). Heap order not required."""
+    for p in range(cnt // 2 - 1, -1, -1):
+        _sift_down(hv, hi, p, cnt)
+    for m in range(cnt - 1, 0, -1):  # move the worst to the end, shrink
+        tv = hv[0]
+        ti = hi[0]
+        hv[0] = hv[m]
+        hi[0] = hi[m]
+        hv[m] = tv
+        hi[m] = ti
+        _sift_down(hv, hi, 0, m)
+
+
+# ------------------------------------------------------------------ selection
+@njit(cache=True)
+def _dot_block(z, W, cw, p0, p1, out):
+    """out[:p1-p0] = cw[p0:p1] + z . W[:, p0:p1]  (W's dtype; loop over p vectorises)."""
+    L = p1 - p0
+    for p in range(L):
+        out[p] = cw[p0 + p]
+    for j in range(z.shape[0]):
+        zj = z[j]
+        for p in range(L):
+            out[p] += zj * W[j, p0 + p]
+
+
+@njit(cache=True, parallel=True)
+def select_topn(X, shift, rep_const, rep_W, member_ptr, member_idx, mem_const, mem_W, means, prec, lconst,
+                n, g, n_chunks):
+    """Per-frame top-n components by hierarchical selection (module docstring).
+
+    Parameters
+    ----------
+    X : float32 or float64 (N, D) IN. Frames.
+    shift : float64 (D,) IN. Centring offset (the one given to ``gmm_precompute`` for rep_W and mem_W).
+    rep_const : float64 (G,) IN. rep_W : float32 or float64 (2D, G) IN, C-contiguous. Representatives'
+        dot-product form (``streamq.kernels.gmm.gmm_precompute`` of the representatives).
+    member_ptr : int64 (G + 1,) IN. CSR row pointer, member_ptr[0] = 0, member_ptr[G] = len(member_idx).
+    member_idx : int32 or int64 (M,) IN. Component ids, grouped. Each in [0, K).
+    mem_const : float64 (M,) IN. mem_W : (2D, M) IN, same dtype as rep_W, C-contiguous. Dot-product form of
+        component member_idx[p] in column / entry p.
+    means : float64 (K, D) IN. prec : float64 (K, D) IN, 1 / variances. lconst : float64 (K,) IN,
+        log w - 1/2 sum_d log(2 pi s2) (-inf for a zero weight). Component order.
+    n : int >= 1. Components kept per frame (the output width).
+    g : int >= 1. Groups searched per frame (clamped to G).
+    n_chunks : int. Frames are split in this many contiguous chunks (parallel units, one scratch set each).
+
+    Returns
+    -------
+    idx : int32 (N, n) OUT. Component ids, by decreasing log-likelihood (ties: lower id first); -1 in the
+        slots past the number of candidates (when the g groups hold fewer than n components).
+    ll : float64 (N, n) OUT. log w_k N(x | mu_k, diag s2_k) of those components, exact float64; -inf where
+        idx is -1.
+    """
+    N, D = X.shape
+    G = rep_const.shape[0]
+    gg = min(max(g, 1), G)
+    idx = np.full((N, n), -1, np.int32)
+    ll = np.full((N, n), -np.inf, np.float64)
+    maxsize = 1
+    for j in range(G):
+        maxsize = max(maxsize, member_ptr[j + 1] - member_ptr[j])
+    C = max(1, min(n_chunks, N))
+    per = (N + C - 1) // C
+    for c in prange(C):
+        a0 = c * per
+        b0 = min(N, a0 + per)
+        z = np.empty(2 * D, rep_W.dtype)
+        rcw = rep_const.astype(rep_W.dtype)
+        mcw = mem_const.astype(mem_W.dtype)
+        rs = np.empty(G, rep_W.dtype)
+        ms = np.empty(maxsize, mem_W.dtype)
+        gv = np.empty(gg, np.float64)
+        gi = np.empty(gg, np.int64)
+        hv = np.empty(n, np.float64)
+        hi = np.empty(n, np.int64)
+        for t in range(a0, b0):
+            for d in range(D):
+                v = np.float64(X[t, d]) - shift[d]
+                z[d] = v
+                z[D + d] = v * v
+            _dot_block(z, rep_W, rcw, 0, G, rs)
+            cg = 0
+            for j in range(G):
+                cg = _push(gv, gi, cg, gg, np.float64(rs[j]), j)
+            ch = 0
+            for q in range(cg):
+                grp = gi[q]
+                p0 = member_ptr[grp]
+                p1 = member_ptr[grp + 1]
+                _dot_block(z, mem_W, mcw, p0, p1, ms)
+                for p in range(p1 - p0):
+                    ch = _push(hv, hi, ch, n, np.float64(ms[p]), np.int64(member_idx[p0 + p]))
+            for q in range(ch):  # exact float64 re-evaluation of the kept components
+                k = hi[q]
+                v = lconst[k]
+                for d in range(D):
+                    e = np.float64(X[t, d]) - means[k, d]
+                    v -= 0.5 * e * e * prec[k, d]
+                hv[q] = v
+            _heap_sort_desc(hv, hi, ch)
+            for q in range(ch):
+                idx[t, q] = hi[q]
+                ll[t, q] = hv[q]
+    return idx, ll
+
+
+@njit(cache=True, parallel=True)
+def score_listed(X, idx, means, prec, lconst, n_chunks):
+    """Exact float64 log w_k N(x_t | mu_k, diag s2_k) for the listed components (re-use of stored lists).
+
+    Parameters
+    ----------
+    X : float32 or float64 (N, D) IN.
+    idx : int32 (N, n) IN. Component ids; -1 = empty slot.
+    means, prec, lconst : as for :func:`select_topn` (the current parameters).
+    n_chunks : int.
+
+    Returns
+    -------
+    ll : float64 (N, n) OUT, in the order of idx (not re-sorted); -inf at empty slots.
+    """
+    N, D = X.shape
+    n = idx.shape[1]
+    ll = np.empty((N, n), np.float64)
+    C = max(1, min(n_chunks, N))
+    per = (N + C - 1) // C
+    for c in prange(C):
+        for t in range(c * per, min(N, (c + 1) * per)):
+            for q in range(n):
+                k = idx[t, q]
+                if k < 0:
+                    ll[t, q] = -np.inf
+                    continue
+                v = lconst[k]
+                for d in range(D):
+                    e = np.float64(X[t, d]) - means[k, d]
+                    v -= 0.5 * e * e * prec[k, d]
+                ll[t, q] = v
+    return ll
+
+
+# ------------------------------------------------------------------ companions
+@njit(cache=True)
+def _row_lse(ll, t):
+    n = ll.shape[1]
+    m = -np.inf
+    for q in range(n):
+        m = max(m, ll[t, q])
+    if m == -np.inf:
+        return -np.inf
+    s = 0.0
+    for q in range(n):
+        s += np.exp(ll[t, q] - m)
+    return m + np.log(s)
+
+
+@njit(cache=True, parallel=True)
+def selected_loglik(ll, n_chunks):
+    """Frame log-likelihoods over the selected components: logsumexp_q ll[t, q] (max-subtracted).
+
+    ll : float64 (N, n) IN (-inf entries ignored). Returns float64 (N,) OUT; -inf for a row of -inf only.
+    """
+    N = ll.shape[0]
+    out = np.empty(N, np.float64)
+    C = max(1, min(n_chunks, N))
+    per = (N + C - 1) // C
+    for c in prange(C):
+        for t in range(c * per, min(N, (c + 1) * per)):
+            out[t] = _row_lse(ll, t)
+    return out
+
+
+@njit(cache=True, parallel=True)
+def selected_posteriors(ll, n_chunks):
+    """Posteriors over each frame's selected components (renormalised over the n).
+
+    ll : float64 (N, n) IN. Returns (lse float64 (N,) OUT, post float64 (N, n) OUT); rows of post sum to 1,
+    zeros at -inf entries; a row of -inf only gives lse = -inf and post = 0.
+    """
+    N, n = ll.shape
+    out = np.empty(N, np.float64)
+    post = np.zeros((N, n), np.float64)
+    C = max(1, min(n_chunks, N))
+    per = (N + C - 1) // C
+    for c in prange(C):
+        for t in range(c * per, min(N, (c + 1) * per)):
+            lse = _row_lse(ll, t)
+            out[t] = lse
+            if lse > -np.inf:
+                for q in range(n):
+                    post[t, q] = np.exp(ll[t, q] - lse)
+    return out, post
+
+
+@njit(cache=True, parallel=True)
+def selected_stats(X, shift, idx, ll, K, n_chunks):
+    """EM statistics from the selected lists: posteriors renormalised over each frame's n components.
+
+    Parameters
+    ----------
+    X : float32 or float64 (N, D) IN.
+    shift : float64 (D,) IN. Statistics are about this offset (as :func:`streamq.kernels.gmm.diag_gmm_stats`).
+    idx : int32 (N, n) IN, ll : float64 (N, n) IN. From :func:`select_topn` or :func:`score_listed`.
+    K : int. Number of components (ids in [0, K)).
+    n_chunks : int. One float64 buffer set per chunk, reduced after the ``prange``.
+
+    Returns
+    -------
+    total : float64. Sum of the frame log-likelihoods (logsumexp over each row; frames of -inf only skipped
+        from the statistics but counted as -inf).
+    occ : float64 (K,) OUT. sum_t gamma_tk.  f : float64 (K, D) OUT. sum_t gamma_tk (x_t - shift).
+    s : float64 (K, D) OUT. sum_t gamma_tk (x_t - shift)^2.
+    """
+    N, D = X.shape
+    n = idx.shape[1]
+    C = max(1, min(n_chunks, N))
+    tn = np.zeros((C, K), np.float64)
+    tf = np.zeros((C, K, D), np.float64)
+    ts = np.zeros((C, K, D), np.float64)
+    tot = np.zeros(C, np.float64)
+    per = (N + C - 1) // C
+    for c in prange(C):
+        xs = np.empty(D, np.float64)
+        acc = 0.0
+        for t in range(c * per, min(N, (c + 1) * per)):
+            lse = _row_lse(ll, t)
+            acc += lse
+            if lse == -np.inf:
+                continue
+            for d in range(D):
+                xs[d] = np.float64(X[t, d]) - shift[d]
+            for q in range(n):
+                k = idx[t, q]
+                if k < 0:
+                    continue
+                gm = np.exp(ll[t, q] - lse)
+                if gm == 0.0:
+                    continue
+                tn[c, k] += gm
+                for d in range(D):
+                    gx = gm * xs[d]
+                    tf[c, k, d] += gx
+                    ts[c, k, d] += gx * xs[d]
+        tot[c] = acc
+    occ = np.zeros(K, np.float64)
+    f = np.zeros((K, D), np.float64)
+    s = np.zeros((K, D), np.float64)
+    total = 0.0
+    for c in range(C):
+        total += tot[c]
+        for k in range(K):
+            occ[k] += tn[c, k]
+            for d in range(D):
+                f[k, d] += tf[c, k, d]
+                s[k, d] += ts[c, k, d]
+    return total, occ, f, s

@@ -1,0 +1,260 @@
+"""Hierarchical Gaussian selection for diagonal GMMs: the data structure, its builder and thin wrappers.
+
+A :class:`Selection` groups the K components of a diagonal GMM into G groups by clustering their means
+(seeded k-means++ then a few Lloyd iterations, in the space where each dimension is divided by the root mean
+variance, so a unit of distance is about one standard deviation of a component). Each group gets a
+representative Gaussian, the moment-matched merge of its members:
+
+    w_j = sum_k w_k,   mu_j = sum_k a_k mu_k,   s2_j = sum_k a_k (s2_k + mu_k^2) - mu_j^2,   a_k = w_k / w_j
+
+(plain averages a_k = 1 / |group| when the group's weights sum to 0). Per frame the kernel
+(:func:`streamq.kernels.selection.select_topn`) scores the G representatives, then every member of the best
+``n_search`` groups, keeps the top ``n`` and re-evaluates those exactly in float64. With
+``n_search = G`` and ``n = K`` the result is the exact full log-likelihood (same code path).
+
+The grouping (the only costly part, ~0.1-0.5 s at K = 16384) can be kept while the parameters move:
+:func:`refresh_selection` recomputes the representatives and the member arrays (O(K D)) for new parameters.
+
+Layout (all plain arrays, so they can be saved, shared with workers or passed to kernels):
+
+- ``group_of`` int32 (K,): group of each component. ``member_ptr`` int64 (G + 1,) and ``member_idx`` int32
+  (K,): CSR lists of the members of each group (increasing component id inside a group).
+- ``rep_weights`` float64 (G,), ``rep_means`` / ``rep_variances`` float64 (G, D): the representatives.
+- ``shift`` float64 (D,): centring offset (the weighted mean of the means, as in :class:`streamq.gmm.DiagGMM`).
+- kernel arrays: ``rep_const`` (G,), ``rep_W`` (2D, G); ``mem_const`` (K,), ``mem_W`` (2D, K) in member
+  order (dtype of ``rep_W`` / ``mem_W`` = ``dot_dtype``); ``means``, ``prec`` (K, D) and ``lconst`` (K,) in
+  component order for the exact float64 re-evaluation.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numba
+import numpy as np
+
+from .kernels import gmm as _kg
+from .kernels import selection as _ks
+
+__all__ = ["Selection", "build_selection", "refresh_selection", "group_means", "default_n_groups",
+           "default_n_search", "select", "selected_score_samples", "selected_accumulate"]
+
+
+@dataclass(frozen=True)
+class Selection:
+    """Grouping of K diagonal Gaussians with representatives and the kernel arrays (see module docstring)."""
+
+    group_of: np.ndarray
+    member_ptr: np.ndarray
+    member_idx: np.ndarray
+    rep_weights: np.ndarray
+    rep_means: np.ndarray
+    rep_variances: np.ndarray
+    shift: np.ndarray
+    rep_const: np.ndarray
+    rep_W: np.ndarray
+    mem_const: np.ndarray
+    mem_W: np.ndarray
+    means: np.ndarray
+    prec: np.ndarray
+    lconst: np.ndarray
+
+    @property
+    def n_components(self) -> int:
+        return int(self.group_of.shape[0])
+
+    @property
+    def n_groups(self) -> int:
+        return int(self.member_ptr.shape[0] - 1)
+
+    @property
+    def dim(self) -> int:
+        return int(self.means.shape[1])
+
+    @property
+    def group_sizes(self) -> np.ndarray:
+        return np.diff(self.member_ptr)
+
+    def kernel_args(self) -> tuple:
+        """(shift, rep_const, rep_W, member_ptr, member_idx, mem_const, mem_W, means, prec, lconst): the arrays
+        :func:`streamq.kernels.selection.select_topn` takes after X, in its order."""
+        return (self.shift, self.rep_const, self.rep_W, self.member_ptr, self.member_idx, self.mem_const,
+                self.mem_W, self.means, self.prec, self.lconst)
+
+
+def default_n_groups(K: int) -> int:
+    """G = round(2 sqrt(K)), at most K (K = 16384: 256 groups of ~64)."""
+    return int(max(1, min(K, round(2.0 * np.sqrt(K)))))
+
+
+def default_n_search(n_groups: int, n: int = 8) -> int:
+    """Groups searched per frame: max(4, n / 2 rounded up, G / 16), at most G (G = 256: 16 groups)."""
+    return int(min(n_groups, max(4, -(-n // 2), -(-n_groups // 16))))
+
+
+# -------------------------------------------------------------------- params
+def _check_params(weights, means, variances):
+    w = np.asarray(weights, np.float64).ravel()
+    m = np.asarray(means, np.float64)
+    v = np.asarray(variances, np.float64)
+    if m.ndim != 2 or v.shape != m.shape or w.shape != (m.shape[0],):
+        raise ValueError(f"expected weights (K,), means and variances (K, D); got {w.shape}, {m.shape}, {v.shape}")
+    if m.shape[0] < 1 or m.shape[1] < 1:
+        raise ValueError(f"means: need K >= 1 components of dim D >= 1, got {m.shape}")
+    if not (np.isfinite(w).all() and np.isfinite(m).all() and np.isfinite(v).all()):
+        raise ValueError("weights, means and variances must be finite")
+    if (v <= 0).any():
+        raise ValueError(f"variances must be > 0 ({int((v <= 0).sum())} are not)")
+    if (w < 0).any() or w.sum() <= 0:
+        raise ValueError("weights must be >= 0 and not all zero")
+    return w, np.ascontiguousarray(m), np.ascontiguousarray(v)
+
+
+def group_means(means, variances, n_groups, seed=0, n_iter=8) -> np.ndarray:
+    """Cluster the K means into ``n_groups`` groups; returns group_of int32 (K,) (every group non-empty).
+
+    Seeded k-means++ then ``n_iter`` Lloyd iterations, in the space where dimension d is divided by
+    sqrt(mean_k variances[k, d]). Empty groups are refilled from the member farthest from its centre.
+    Cost O(n_iter K G D) in float64 GEMMs.
+    """
+    m = np.asarray(means, np.float64)
+    K = m.shape[0]
+    G = int(min(max(1, n_groups), K))
+    scale = np.sqrt(np.asarray(variances, np.float64).mean(0))
+    Y = (m - m.mean(0)) / scale
+    rng = np.random.default_rng(seed)
+    yy = np.einsum("kd,kd->k", Y, Y)
+    # k-means++ seeding
+    cent = np.empty((G, Y.shape[1]))
+    first = int(rng.integers(K))
+    cent[0] = Y[first]
+    d2 = np.maximum(yy - 2 * Y @ cent[0] + cent[0] @ cent[0], 0.0)
+    for j in range(1, G):
+        tot = d2.sum()
+        i = int(rng.integers(K)) if tot <= 0 else int(min(np.searchsorted(np.cumsum(d2), rng.random() * tot), K - 1))
+        cent[j] = Y[i]
+        d2 = np.minimum(d2, np.maximum(yy - 2 * Y @ cent[j] + cent[j] @ cent[j], 0.0))
+    lab = None
+    for _ in range(max(1, n_iter)):
+        D2 = yy[:, None] - 2.0 * (Y @ cent.T) + np.einsum("gd,gd->g", cent, cent)[None, :]
+        lab = np.argmin(D2, axis=1)
+        best = D2[np.arange(K), lab]
+        cnt = np.bincount(lab, minlength=G)
+        for j in np.flatnonzero(cnt == 0):  # refill an empty group with the worst-fitted point
+            i = int(np.argmax(best))
+            cnt[lab[i]] -= 1
+            lab[i] = j
+            cnt[j] = 1
+            best[i] = -1.0
+        sums = np.zeros_like(cent)
+        np.add.at(sums, lab, Y)
+        cent = sums / cnt[:, None]
+    return lab.astype(np.int32)
+
+
+def _prepare(group_of, G, w, m, v, dot_dtype):
+    K, D = m.shape
+    order = np.argsort(group_of, kind="stable").astype(np.int32)  # members by group, increasing id inside
+    counts = np.bincount(group_of, minlength=G)
+    ptr = np.zeros(G + 1, np.int64)
+    np.cumsum(counts, out=ptr[1:])
+    wsum = np.bincount(group_of, weights=w, minlength=G)
+    a = np.where(wsum[group_of] > 0, w / np.where(wsum > 0, wsum, 1.0)[group_of], 1.0 / counts[group_of])
+    rep_m = np.zeros((G, D))
+    rep_s = np.zeros((G, D))
+    np.add.at(rep_m, group_of, a[:, None] * m)
+    np.add.at(rep_s, group_of, a[:, None] * (v + m * m))
+    rep_v = np.maximum(rep_s - rep_m * rep_m, v.min(0)[None, :])  # rounding can not make it tiny or negative
+    shift = np.ascontiguousarray(w @ m / w.sum())
+    rep_const, rep_W = _kg.gmm_precompute(wsum, rep_m, rep_v, shift)
+    mem_const, mem_W = _kg.gmm_precompute(w[order], np.ascontiguousarray(m[order]), np.ascontiguousarray(v[order]),
+                                          shift)
+    with np.errstate(divide="ignore"):
+        lconst = np.log(w) - 0.5 * np.log(2.0 * np.pi * v).sum(1)
+    dt = np.dtype(dot_dtype)
+    return Selection(group_of=np.ascontiguousarray(group_of, np.int32), member_ptr=ptr, member_idx=order,
+                     rep_weights=wsum, rep_means=rep_m, rep_variances=rep_v, shift=shift, rep_const=rep_const,
+                     rep_W=np.ascontiguousarray(rep_W, dt), mem_const=mem_const,
+                     mem_W=np.ascontiguousarray(mem_W, dt), means=m.copy(), prec=1.0 / v, lconst=lconst)
+
+
+def build_selection(weights, means, variances, n_groups=None, seed=0, n_iter=8, dot_dtype="float32") -> Selection:
+    """Group the K components (:func:`group_means`) and prepare the selection arrays.
+
+    Parameters
+    ----------
+    weights : (K,), means, variances : (K, D), float64 (converted). Mixture weights need not sum to 1.
+    n_groups : int or None. G (clamped to [1, K]); None = :func:`default_n_groups`.
+    seed : int. Seeds the k-means++ initialisation (same seed and parameters give the same grouping).
+    n_iter : int. Lloyd iterations of the grouping.
+    dot_dtype : 'float32' or 'float64'. Dtype of the ranking dot products (the returned log-likelihoods are
+        float64 either way).
+    """
+    w, m, v = _check_params(weights, means, variances)
+    if dot_dtype not in ("float32", "float64"):
+        raise ValueError(f"dot_dtype must be 'float32' or 'float64', got {dot_dtype!r}")
+    K = m.shape[0]
+    G = default_n_groups(K) if n_groups is None else int(n_groups)
+    if G < 1:
+        raise ValueError(f"n_groups must be >= 1, got {n_groups}")
+    G = min(G, K)
+    group_of = group_means(m, v, G, seed=seed, n_iter=n_iter)
+    return _prepare(group_of, G, w, m, v, dot_dtype)
+
+
+def refresh_selection(sel: Selection, weights, means, variances, dot_dtype=None) -> Selection:
+    """The same grouping with representatives and kernel arrays for new parameters (O(K D), no clustering)."""
+    w, m, v = _check_params(weights, means, variances)
+    if m.shape[0] != sel.n_components:
+        raise ValueError(f"means: {m.shape[0]} components, the selection has {sel.n_components}")
+    return _prepare(sel.group_of, sel.n_groups, w, m, v, dot_dtype or sel.mem_W.dtype.name)
+
+
+# ------------------------------------------------------------------ wrappers
+def _frames(X, D):
+    X = np.asarray(X)
+    if X.ndim != 2 or X.shape[1] != D:
+        raise ValueError(f"X: expected (N, {D}) frames, got shape {X.shape}")
+    if not np.issubdtype(X.dtype, np.floating):
+        raise TypeError(f"X: expected float frames, got {X.dtype}; pass X.astype(np.float32)")
+    if X.dtype != np.float64:
+        X = np.ascontiguousarray(X, dtype=np.float32)
+    if not np.isfinite(X).all():
+        raise ValueError("X: frames hold NaN or inf; clean or drop them first")
+    return np.ascontiguousarray(X)
+
+
+def _ns(sel, n, n_search):
+    n = int(n)
+    if n < 1:
+        raise ValueError(f"n must be >= 1, got {n}")
+    n = min(n, sel.n_components)
+    g = default_n_search(sel.n_groups, n) if n_search is None else int(n_search)
+    if g < 1:
+        raise ValueError(f"n_search must be >= 1, got {n_search}")
+    return n, min(g, sel.n_groups)
+
+
+def select(X, sel: Selection, n=8, n_search=None, n_threads=None):
+    """Each frame's top-n components: (idx int32 (N, n), ll float64 (N, n)), sorted by decreasing ll.
+
+    ``n`` is clamped to K; ``n_search`` groups are searched (None = :func:`default_n_search`). Slots past the
+    candidates found hold idx -1 and ll -inf.
+    """
+    X = _frames(X, sel.dim)
+    n, g = _ns(sel, n, n_search)
+    return _ks.select_topn(X, *sel.kernel_args(), n, g, n_threads or numba.get_num_threads())
+
+
+def selected_score_samples(X, sel: Selection, n=8, n_search=None, n_threads=None) -> np.ndarray:
+    """Per-frame log-likelihood over the selected top-n components, float64 (N,)."""
+    _, ll = select(X, sel, n, n_search, n_threads)
+    return _ks.selected_loglik(ll, n_threads or numba.get_num_threads())
+
+
+def selected_accumulate(X, sel: Selection, n=8, n_search=None, n_threads=None):
+    """E-step with selection: (total loglik, occ (K,), f (K, D), s (K, D)), statistics about ``sel.shift``."""
+    X = _frames(X, sel.dim)
+    nt = n_threads or numba.get_num_threads()
+    idx, ll = select(X, sel, n, n_search, nt)
+    return _ks.selected_stats(X, sel.shift, idx, ll, sel.n_components, nt)
