@@ -1,7 +1,9 @@
 """Decode audio and compute MFCC frames.
 
 Decoding is soundfile (wav, flac, ogg, mp3 with libsndfile >= 1.1), down-mixed to
-mono and resampled with soxr to :attr:`FeatureConfig.sample_rate`. MFCCs are
+mono and resampled with soxr to :attr:`FeatureConfig.sample_rate`. A clip is refused with a
+reason that names the cause when it is empty (0 bytes), not audio, damaged (the decoder fails
+part-way) or truncated (it decodes to less than its header's length, less one frame step). MFCCs are
 python_speech_features' ``mfcc`` with every parameter written in the config.
 
 python_speech_features 0.6 uses ``nfft=512`` by default and silently truncates any
@@ -14,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 
 import numpy as np
 
@@ -57,23 +60,96 @@ class FeatureConfig:
         return cls(**{k: v for k, v in d.items() if k in names})
 
 
-def decode(path, target_rate: int) -> np.ndarray:
+_MAGIC = ((b"RIFF", "WAV"), (b"RF64", "WAV"), (b"fLaC", "FLAC"), (b"OggS", "Ogg"), (b"ID3", "MP3"),
+          (b"FORM", "AIFF"))
+_UNKNOWN_LENGTH = 1 << 62  # libsndfile's frame count when a file does not say how long it is
+_LIBSNDFILE_MISLEADING = "File does not exist or is not a regular file (possibly a pipe?)."
+
+
+def _libsndfile_message(e: Exception, path) -> str:
+    msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+    msg = msg.replace(f"Error opening {str(path)!r}: ", "").replace(_LIBSNDFILE_MISLEADING, "unrecognised or damaged data")
+    return msg.strip()
+
+
+def _why_unopenable(path, e: Exception) -> str:
+    """Why libsndfile could not open a non-empty file: damaged audio, text, or some other format."""
+    with open(path, "rb") as f:
+        head = f.read(512)
+    msg = _libsndfile_message(e, path)
+    kind = next((k for m, k in _MAGIC if head.startswith(m)), None)
+    if kind is None and len(head) > 1 and head[0] == 0xFF and head[1] & 0xE0 == 0xE0:
+        kind = "MP3"  # an MPEG audio frame sync word
+    if kind is not None:
+        return f"cannot decode audio (damaged or truncated {kind} data; libsndfile: {msg})"
+    try:
+        text = head.decode("utf-8")
+        if text and all(c.isprintable() or c in "\t\r\n" for c in text):
+            return f"not an audio file (text: {text[:40]!r})"
+    except UnicodeDecodeError:
+        pass
+    return f"not an audio file (unrecognised format, first bytes {head[:8].hex(' ')}; libsndfile: {msg})"
+
+
+def _declared_frames(f) -> int | None:
+    """The length a WAV header declares (libsndfile clamps ``frames`` to the data present), or None."""
+    import re
+
+    info = f.extra_info or ""
+    m = re.search(r"^data\s*:\s*(\d+) \(should be \d+\)", info, re.M)
+    b = re.search(r"Block Align\s*:\s*(\d+)", info)
+    if not m or not b or int(b.group(1)) <= 0:
+        return None
+    declared = int(m.group(1))
+    if declared in (0, 0xFFFFFFFF, 0x7FFFFFFF):  # placeholders written by streaming encoders
+        return None
+    return declared // int(b.group(1))
+
+
+def decode(path, target_rate: int, max_short: float = 0.01) -> np.ndarray:
     """Read an audio file as float32 mono at ``target_rate`` Hz.
+
+    A clip whose decoded length falls short of the length in its header by more than ``max_short``
+    seconds (one MFCC frame step) is truncated and refused, as is one whose decoder fails part-way.
 
     Raises
     ------
     AudioError
-        The file cannot be decoded or holds no samples.
+        Missing, empty (0 bytes), not audio, damaged, truncated, no samples, or NaN/inf samples; the
+        message names the file and the cause.
     """
     import soundfile as sf
 
     try:
-        data, rate = sf.read(str(path), dtype="float32", always_2d=True)
-    except Exception as e:  # libsndfile reports corrupt, truncated and unknown files alike
-        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise AudioError(f"{path}: cannot decode audio ({msg})") from None
-    if data.shape[0] == 0:
+        size = os.path.getsize(path)
+    except OSError as e:
+        raise AudioError(f"{path}: file missing ({e.strerror})") from None
+    if size == 0:
+        raise AudioError(f"{path}: empty file (0 bytes)")
+    try:
+        f = sf.SoundFile(str(path))
+    except Exception as e:
+        raise AudioError(f"{path}: {_why_unopenable(path, e)}") from None
+    with f:
+        rate = f.samplerate
+        header = _declared_frames(f) or f.frames
+        blocks, got = [], 0
+        while True:
+            try:
+                b = f.read(1 << 14, dtype="float32", always_2d=True)
+            except Exception as e:
+                of = f" of {header / rate:.2f} s in header" if header < _UNKNOWN_LENGTH else ""
+                raise AudioError(f"{path}: decoder error after {got / rate:.2f} s{of} "
+                                 f"(libsndfile: {_libsndfile_message(e, path)})") from None
+            if len(b) == 0:
+                break
+            blocks.append(b)
+            got += len(b)
+    if got == 0:
         raise AudioError(f"{path}: empty clip (0 samples)")
+    if header < _UNKNOWN_LENGTH and header - got > max(1, round(max_short * rate)):
+        raise AudioError(f"{path}: truncated: decoded {got / rate:.2f} s of {header / rate:.2f} s in header")
+    data = blocks[0] if len(blocks) == 1 else np.concatenate(blocks)
     mono = data.mean(axis=1) if data.shape[1] > 1 else data[:, 0]
     if rate != target_rate:
         import soxr
@@ -110,5 +186,5 @@ def mfcc(signal: np.ndarray, config: FeatureConfig, name: str = "signal") -> np.
 
 def extract(path, config: FeatureConfig) -> tuple[np.ndarray, float]:
     """Decode ``path`` and compute its MFCC frames. Returns (frames float32 (T, numcep), duration seconds)."""
-    signal = decode(path, config.sample_rate)
+    signal = decode(path, config.sample_rate, max_short=config.winstep)
     return mfcc(signal, config, name=str(path)), len(signal) / config.sample_rate

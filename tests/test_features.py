@@ -60,11 +60,66 @@ def test_stereo_downmix(tmp_path):
 
 def test_bad_audio_errors_name_the_file(tmp_path):
     (tmp_path / "corrupt.mp3").write_bytes(b"\x00garbage" * 50)
-    with pytest.raises(AudioError, match="corrupt.mp3: cannot decode"):
+    with pytest.raises(AudioError, match=r"corrupt.mp3: not an audio file \(unrecognised format, first bytes 00 67"):
         decode(tmp_path / "corrupt.mp3", 16000)
+    (tmp_path / "text.mp3").write_text("hello, this is not audio\n" * 5)
+    with pytest.raises(AudioError, match=r"text.mp3: not an audio file \(text: 'hello, this is not"):
+        decode(tmp_path / "text.mp3", 16000)
+    (tmp_path / "zero.mp3").write_bytes(b"")
+    with pytest.raises(AudioError, match=r"zero.mp3: empty file \(0 bytes\)$"):
+        decode(tmp_path / "zero.mp3", 16000)
+    with pytest.raises(AudioError, match=r"gone.wav: file missing"):
+        decode(tmp_path / "gone.wav", 16000)
     sf.write(tmp_path / "empty.wav", np.zeros(0, np.float32), 16000)
     with pytest.raises(AudioError, match="empty.wav: empty clip"):
         extract(tmp_path / "empty.wav", FeatureConfig())
     sf.write(tmp_path / "short.wav", np.zeros(100, np.float32), 16000)
     with pytest.raises(AudioError, match="short.wav: clip shorter than one frame"):
         extract(tmp_path / "short.wav", FeatureConfig())
+
+
+@pytest.fixture(scope="module")
+def tone():
+    """5.34 s of a noisy tone at 16 kHz (the length of the clip in issue 9)."""
+    t = np.arange(int(5.34 * 16000)) / 16000
+    rng = np.random.default_rng(0)
+    return (0.3 * np.sin(2 * np.pi * 220 * t) + 0.01 * rng.normal(size=len(t))).astype(np.float32)
+
+
+@pytest.mark.parametrize("fmt", ["MP3", "WAV", "FLAC", "OGG"])
+def test_complete_files_are_accepted(tmp_path, tone, fmt):
+    p = tmp_path / f"x.{fmt.lower()}"
+    sf.write(p, tone, 16000, format=fmt)
+    x = decode(p, 16000)
+    assert abs(len(x) - len(tone)) <= 160
+
+
+@pytest.mark.parametrize("fmt", ["MP3", "WAV"])
+def test_truncated_files_are_rejected_with_both_lengths(tmp_path, tone, fmt):
+    full = tmp_path / f"full.{fmt.lower()}"
+    sf.write(full, tone, 16000, format=fmt)
+    data = full.read_bytes()
+    cut = tmp_path / f"cut.{fmt.lower()}"
+    cut.write_bytes(data[:len(data) // 2])
+    with pytest.raises(AudioError, match=r"cut\.\w+: truncated: decoded 2\.\d\d s of 5\.34 s in header$"):
+        decode(cut, 16000)
+    # losing less than one frame step (10 ms) of samples is not truncation
+    sf.write(full, tone, 16000, format="WAV", subtype="PCM_16")
+    data = full.read_bytes()
+    cut.write_bytes(data[:len(data) - 2 * 100])  # 100 samples = 6 ms
+    assert len(decode(cut, 16000)) == len(tone) - 100
+
+
+def test_first_bytes_of_an_mp3_and_a_damaged_stream(tmp_path, tone):
+    sf.write(tmp_path / "a.mp3", tone, 16000, format="MP3")
+    data = (tmp_path / "a.mp3").read_bytes()
+    (tmp_path / "head.mp3").write_bytes(data[:700])
+    with pytest.raises(AudioError, match=r"head.mp3: (cannot decode audio \(damaged or truncated MP3|truncated: "
+                       r"decoded 0\.\d\d s of 5\.34 s)"):
+        decode(tmp_path / "head.mp3", 16000)
+    sf.write(tmp_path / "a.flac", tone, 16000, format="FLAC")
+    data = (tmp_path / "a.flac").read_bytes()
+    (tmp_path / "cut.flac").write_bytes(data[:len(data) // 2])
+    with pytest.raises(AudioError, match=r"cut.flac: decoder error after \d\.\d\d s of 5\.34 s in header "
+                       r"\(libsndfile: .*\)$"):
+        decode(tmp_path / "cut.flac", 16000)
