@@ -95,6 +95,98 @@ def cmd_align(a):
           f"{s['seconds']:.1f} s; {s['unaligned']} unaligned (see unaligned.tsv)")
 
 
+# ------------------------------------------------------------------- pictures (issue 13)
+def _animation_out(a):
+    """Check OUT against --format before any work: its suffix must be the format's; mp4 needs ffmpeg."""
+    import shutil
+    from pathlib import Path
+
+    suffix = Path(a.out).suffix.lower()
+    if suffix != f".{a.format}":
+        raise ValueError(f"{a.out}: ends in {suffix or 'no suffix'} but --format {a.format}; "
+                         f"name it {Path(a.out).with_suffix('.' + a.format).name}")
+    if a.format == "mp4" and shutil.which("ffmpeg") is None:
+        raise RuntimeError("--format mp4 needs ffmpeg on the PATH; install ffmpeg or use --format gif")
+    return a.out
+
+
+def cmd_plot(a):
+    from . import plots
+
+    if a.picture == "dft":
+        out = plots.plot_dft(a.out, size=a.size, rate=a.rate, low=a.low)
+    elif a.picture == "lbg":
+        out = plots.animate_lbg(a.fit_dir, _animation_out(a), fps=a.fps)
+    elif a.picture == "mfcc":
+        from .features import FeatureConfig
+
+        cfg = FeatureConfig(sample_rate=a.sample_rate, numcep=a.numcep)
+        out = plots.animate_mfcc(a.audio, _animation_out(a), cfg, fps=a.fps, max_frames=a.max_frames)
+    else:
+        out = plots.animate_alignment(a.align_dir, a.utt_id, _animation_out(a), fps=a.fps)
+    print(out)
+
+
+def cmd_report(a):
+    from .report import write_report
+
+    print(write_report(a.run_dir, worst=a.worst, fps=a.fps))
+
+
+def _add_picture_parsers(sub):
+    """``streamq plot {lbg,mfcc,dft,align}`` and ``streamq report``."""
+    p = sub.add_parser("plot", help="pictures: LBG and MFCC animations, the DFT basis, alignment over EM",
+                       description="Animations are GIF (pillow) or MP4 (needs ffmpeg on the PATH).")
+    psub = p.add_subparsers(dest="picture", metavar="PICTURE", required=True)
+
+    def animated(q, fps):
+        q.add_argument("--fps", type=float, default=fps, help=f"animation frames per second (default {fps:g})")
+        q.add_argument("--format", choices=["gif", "mp4"], default="gif",
+                       help="gif (pillow) or mp4 (needs ffmpeg on the PATH); OUT's suffix must match (default gif)")
+        _add_common(q)
+        q.set_defaults(func=cmd_plot)
+
+    q = psub.add_parser("lbg", help="one frame per LBG stage: codebook image, loss, entropy vs log K, utilisation")
+    q.add_argument("fit_dir", help="directory written by `streamq fit --method lbg` (stages.npz, history.csv)")
+    q.add_argument("out", help="OUT.gif or OUT.mp4")
+    animated(q, 2.0)
+
+    q = psub.add_parser("mfcc", help="MFCC extraction of one clip step by step (the last frame is what ingest "
+                        "stores)")
+    q.add_argument("audio", help="an audio file (wav, flac, ogg, mp3, opus)")
+    q.add_argument("out", help="OUT.gif or OUT.mp4")
+    q.add_argument("--sample-rate", type=_positive_int, default=16000,
+                   help="resample to this rate, as ingest does (default 16000)")
+    q.add_argument("--numcep", type=_positive_int, default=13, help="cepstra per frame, as ingest (default 13)")
+    q.add_argument("--max-frames", type=_positive_int, default=120,
+                   help="at most this many analysis frames, evenly spaced, always the last (default 120)")
+    animated(q, 10.0)
+
+    q = psub.add_parser("dft", help="real and imaginary parts of the DFT basis as images (PNG)")
+    q.add_argument("out", help="OUT.png")
+    q.add_argument("--size", type=_positive_int, default=512, help="frequencies and samples (default 512)")
+    q.add_argument("--rate", type=float, default=16000.0, help="sample rate in Hz (default 16000)")
+    q.add_argument("--low", type=float, default=50.0, help="lowest frequency in Hz (default 50)")
+    _add_common(q)
+    q.set_defaults(func=cmd_plot)
+
+    q = psub.add_parser("align", help="posterior map and Viterbi path after each EM iteration of one utterance")
+    q.add_argument("align_dir", help="directory written by `streamq align --plot N` (traces/ID.npz)")
+    q.add_argument("utt_id", help="utterance id (one of the first N aligned)")
+    q.add_argument("out", help="OUT.gif or OUT.mp4")
+    animated(q, 3.0)
+
+    p = sub.add_parser("report", help="RUN_DIR/report.html: one self-contained page for a demo-shaped run",
+                       description="RUN_DIR holds any of store/, compare/, codebook/, gmm/, align/ "
+                       "(scripts/demo's layout); missing parts read 'not run'.")
+    p.add_argument("run_dir")
+    p.add_argument("--worst", type=int, default=3,
+                   help="worst-scoring utterances to show with their pictures (default 3)")
+    p.add_argument("--fps", type=float, default=3.0, help="frames per second of the embedded animations (default 3)")
+    _add_common(p)
+    p.set_defaults(func=cmd_report)
+
+
 # --------------------------------------------------------------------- parser
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="streamq", description="Streaming vector quantisation, Gaussian mixtures and "
@@ -170,6 +262,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     _add_common(p)
     p.set_defaults(func=cmd_align)
+    _add_picture_parsers(sub)
     return ap
 
 
