@@ -601,17 +601,23 @@ TRACE_FIELDS = ("posteriors", "paths", "state_labels", "frames", "loglik", "word
                 "frame_step")
 
 
+def file_safe_id(utt_id) -> str:
+    """The file stem ``streamq align`` gives per-utterance files (plots/ID.png, traces/ID.npz, textgrids/)."""
+    import re
+
+    return re.sub(r"[^\w.\-]+", "_", str(utt_id)).strip("._") or "utt"
+
+
 def trace_path(align_dir, utt_id):
     """``align_dir/traces/ID.npz``, the per-iteration trace ``streamq align --plot N`` keeps for one utterance.
 
     ``ID`` is the utterance id as given or as made file-safe (runs of characters other than letters, digits,
     ``.``, ``-`` and ``_`` become ``_``). ValueError naming the available ids when neither exists.
     """
-    import re
     from pathlib import Path
 
     d = Path(align_dir) / "traces"
-    for name in (str(utt_id), re.sub(r"[^\w.\-]+", "_", str(utt_id)).strip("._")):
+    for name in (str(utt_id), file_safe_id(utt_id)):
         if name and (d / f"{name}.npz").is_file():
             return d / f"{name}.npz"
     have = sorted(p.stem for p in d.glob("*.npz")) if d.is_dir() else []

@@ -1,0 +1,270 @@
+"""``streamq report RUN_DIR``: one self-contained HTML page for a run directory of the demo's shape.
+
+RUN_DIR may hold any of ``store/`` (a frame store), ``compare/`` (history.csv and the two loss pictures),
+``codebook/`` (a fit directory; with ``stages.npz`` the LBG animation), ``gmm/`` (history.csv, history.png)
+and ``align/`` (summary.json, history.csv, unaligned.tsv, alignment_analysis.csv, traces/, plots/). A part
+that is missing reads "not run"; a part that cannot be read says why, and the rest of the page still renders.
+Every image is embedded as a base64 ``data:`` URI, so the page can be mailed or opened anywhere.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+import math
+import tempfile
+import time
+from pathlib import Path
+
+from .progress import log
+
+PARTS = ("store", "compare", "codebook", "gmm", "align")
+
+_CSS = """
+body{font-family:system-ui,-apple-system,Segoe UI,Helvetica,Arial,sans-serif;margin:2em auto;max-width:1150px;
+color:#222;padding:0 1em}
+h1{font-size:1.6em}h2{border-bottom:2px solid #ddd;padding-bottom:.2em;margin-top:1.8em}h3{font-size:1.05em}
+table{border-collapse:collapse;margin:.6em 0;font-size:.9em}td,th{border:1px solid #ccc;padding:.25em .6em;
+text-align:right}th{background:#f3f3f3}td.l,th.l{text-align:left}
+img{max-width:100%;border:1px solid #eee;margin:.4em 0;display:block}
+.missing{color:#a33;font-style:italic}.note{color:#666;font-size:.9em}
+"""
+
+
+def _esc(x) -> str:
+    return html.escape(str(x), quote=True)
+
+
+def _fmt(v) -> str:
+    if v is None or v == "":
+        return ""
+    if isinstance(v, float):
+        if math.isnan(v):
+            return ""
+        if v.is_integer() and abs(v) < 1e15:
+            return f"{int(v):,}"
+        return f"{v:.4g}" if abs(v) < 1e5 else f"{v:,.0f}"
+    if isinstance(v, int) and not isinstance(v, bool):
+        return f"{v:,}"
+    return str(v)
+
+
+def _table(rows, columns=None, left=()) -> str:
+    """An HTML table of dicts (columns default to the first row's keys); text columns in ``left``."""
+    if not rows:
+        return '<p class="note">(no rows)</p>'
+    cols = list(columns or rows[0].keys())
+
+    def cell(c, v, tag="td"):
+        cls = ' class="l"' if c in left or (isinstance(v, str) and tag == "td" and not _numeric(v)) else ""
+        return f"<{tag}{cls}>{_esc(_fmt(v) if tag == 'td' else v)}</{tag}>"
+
+    head = "".join(cell(c, c, "th") for c in cols)
+    body = "".join("<tr>" + "".join(cell(c, r.get(c)) for c in cols) + "</tr>" for r in rows)
+    return f"<table><tr>{head}</tr>{body}</table>"
+
+
+def _numeric(s) -> bool:
+    try:
+        float(s)
+        return True
+    except (TypeError, ValueError):
+        return False
+
+
+def _kv(d: dict) -> str:
+    return _table([{"field": k, "value": v} for k, v in d.items()], ["field", "value"], left=("field", "value"))
+
+
+def _img(path, alt) -> str:
+    """An <img> with the file's bytes as a base64 data URI (PNG or GIF)."""
+    p = Path(path)
+    mime = {".png": "image/png", ".gif": "image/gif", ".jpg": "image/jpeg", ".jpeg": "image/jpeg"}[p.suffix.lower()]
+    data = base64.b64encode(p.read_bytes()).decode("ascii")
+    return f'<img alt="{_esc(alt)}" title="{_esc(alt)}" src="data:{mime};base64,{data}">'
+
+
+def _missing(what) -> str:
+    return f'<p class="missing">not run ({_esc(what)} not found)</p>'
+
+
+def _read_csv(path):
+    from .plots import _read_csv as read  # one CSV reader for pictures and the report
+
+    return read(path)
+
+
+# ------------------------------------------------------------------ the sections
+def _store(d: Path, tmp: Path) -> str:
+    from .store import FrameStore
+
+    if not d.exists():
+        return _missing("store/")
+    i = FrameStore.open(d).info()
+    cfg = i.pop("feature_config", None) or {}
+    out = {"path": i.pop("path", str(d))}
+    if "frames" in i and "dim" in i:
+        out["frames"] = f"{int(i.pop('frames')):,} x {i.pop('dim')} float32"
+    if "hours" in i:
+        h = float(i.pop("hours"))
+        out["audio"] = f"{h:.3f} h ({h * 3600:.1f} s)"
+    out.update(i)
+    out["features"] = ", ".join(f"{k}={v}" for k, v in cfg.items()) or "(none: array data)"
+    return _kv(out)
+
+
+def _compare(d: Path, tmp: Path) -> str:
+    if not (d / "history.csv").exists():
+        return _missing("compare/history.csv")
+    recs = _read_csv(d / "history.csv")
+    last = {}
+    for r in recs:
+        last[r["method"]] = r
+    cols = [c for c in ("method", "k", "step", "frames_seen", "wall_seconds", "loss", "entropy", "log_k",
+                        "utilisation", "dead") if recs and c in recs[0]]
+    parts = ["<h3>final metrics per method (held-out sample)</h3>", _table(list(last.values()), cols, left=("method",))]
+    for name in ("loss_vs_steps.png", "loss_vs_wall.png"):
+        parts.append(_img(d / name, f"compare/{name}") if (d / name).exists() else _missing(f"compare/{name}"))
+    return "\n".join(parts)
+
+
+def _codebook(d: Path, tmp: Path, fps: float) -> str:
+    if not (d / "history.csv").exists():
+        return _missing("codebook/history.csv")
+    parts = []
+    cfg = d / "config.json"
+    if cfg.exists():
+        c = json.loads(cfg.read_text())
+        parts.append(_kv({k: v for k, v in c.items() if not isinstance(v, (dict, list))}))
+    recs = _read_csv(d / "history.csv")
+    if recs:
+        r = recs[-1]
+        cols = [c for c in ("method", "stage", "k", "step", "frames_seen", "wall_seconds", "loss", "entropy", "log_k",
+                            "utilisation", "dead", "repaired", "shifted", "imbalance") if c in r]
+        parts += ["<h3>final record of history.csv</h3>", _table([r], cols, left=("method",))]
+    if (d / "stages.npz").exists():
+        from .plots import animate_lbg
+
+        parts += ["<h3>LBG: the codebook after each split</h3>",
+                  _img(animate_lbg(d, tmp / "lbg.gif", fps=max(1.0, fps / 2)), "LBG stages")]
+    else:
+        parts.append('<p class="note">no stages.npz: no LBG animation (only `streamq fit --method lbg` keeps '
+                     'each stage)</p>')
+    return "\n".join(parts)
+
+
+def _gmm(d: Path, tmp: Path) -> str:
+    if not (d / "history.csv").exists():
+        return _missing("gmm/history.csv")
+    recs = _read_csv(d / "history.csv")
+    parts = ["<h3>EM iterations</h3>", _table(recs)]
+    parts.append(_img(d / "history.png", "gmm/history.png") if (d / "history.png").exists()
+                 else _missing("gmm/history.png"))
+    return "\n".join(parts)
+
+
+def worst_utterances(align_dir, n):
+    """The ``n`` lowest ``loglik_per_frame`` rows of ``align_dir/alignment_analysis.csv`` (flagged rows first
+    among equals), or None when the file is absent. Rows whose score is empty come last."""
+    p = Path(align_dir) / "alignment_analysis.csv"
+    if not p.exists():
+        return None
+    recs = _read_csv(p)
+    if recs and ("id" not in recs[0] or "loglik_per_frame" not in recs[0]):
+        raise ValueError(f"{p}: needs columns 'id' and 'loglik_per_frame'")
+
+    def key(r):
+        v = r.get("loglik_per_frame")
+        bad = v is None or not isinstance(v, float) or math.isnan(v)
+        flagged = str(r.get("flagged") or "").strip().lower() in ("1", "1.0", "true", "yes")
+        return (bad, math.inf if bad else v, not flagged)
+
+    return sorted(recs, key=key)[:max(0, int(n))]
+
+
+def _align(d: Path, tmp: Path, worst: int, fps: float) -> str:
+    from .plots import animate_alignment, file_safe_id
+
+    if not (d / "summary.json").exists():
+        return _missing("align/summary.json")
+    parts = [_kv(json.loads((d / "summary.json").read_text()))]
+    if (d / "history.csv").exists():
+        parts += ["<h3>EM iterations</h3>", _table(_read_csv(d / "history.csv"))]
+    un = d / "unaligned.tsv"
+    if un.exists():
+        lines = [ln.split("\t", 1) for ln in un.read_text().splitlines()[1:] if ln.strip()]
+        if lines:
+            parts += [f"<h3>unaligned utterances ({len(lines)})</h3>",
+                      _table([{"id": a, "reason": b[0] if b else ""} for a, *b in lines[:20]], left=("id", "reason"))]
+    rows = worst_utterances(d, worst)
+    if rows is None:
+        traced = sorted((d / "traces").glob("*.npz")) if (d / "traces").is_dir() else []
+        rows = [{"id": p.stem} for p in traced[:max(0, worst)]]
+        parts.append('<p class="note">no alignment_analysis.csv: showing the traced utterances instead of the '
+                     'worst-scoring ones</p>')
+        title = "traced utterances"
+    else:
+        title = f"the {len(rows)} worst-scoring utterances (alignment_analysis.csv, lowest log-likelihood per frame)"
+    if rows:
+        parts += [f"<h3>{_esc(title)}</h3>", _table(rows, left=("id",))]
+    for k, r in enumerate(rows):
+        uid = str(r["id"])
+        try:
+            gif = animate_alignment(d, uid, tmp / f"align_{k}.gif", fps=fps, dpi=60)
+            parts += [f"<h3>{_esc(uid)}: posteriors and Viterbi path over EM</h3>", _img(gif, f"alignment of {uid}")]
+            continue
+        except ValueError as e:
+            why = str(e)
+        static = d / "plots" / f"{file_safe_id(uid)}.png"
+        if static.exists():
+            parts += [f"<h3>{_esc(uid)}: final alignment</h3>", _img(static, f"alignment of {uid}")]
+        else:
+            parts.append(f'<p class="note">{_esc(uid)}: no picture ({_esc(why)})</p>')
+    return "\n".join(parts)
+
+
+# ------------------------------------------------------------------ the page
+def write_report(run_dir, out=None, worst=3, fps=3.0) -> str:
+    """Write ``RUN_DIR/report.html`` (or ``out``): store info, compare curves, codebook stats and the LBG
+    animation, GMM history, alignment summary with the ``worst`` lowest-scoring utterances and their pictures.
+
+    Returns the written path. Raises ValueError when ``run_dir`` is not a directory; a part that is missing
+    or unreadable is reported on the page, not raised.
+    """
+    run = Path(run_dir)
+    if not run.is_dir():
+        raise ValueError(f"{run}: not a directory")
+    out = Path(out) if out is not None else run / "report.html"
+    titles = {"store": "Frame store", "compare": "Codebook training: random / minibatch Lloyd / LBG",
+              "codebook": "Codebook (streamq fit)", "gmm": "Diagonal GMM (streamq gmm)",
+              "align": "Alignment (streamq align)"}
+    body = []
+    with tempfile.TemporaryDirectory(prefix="streamq-report-") as t:
+        tmp = Path(t)
+        for part in PARTS:
+            d = run / part
+            try:
+                if part == "store":
+                    sec = _store(d, tmp)
+                elif part == "compare":
+                    sec = _compare(d, tmp)
+                elif part == "codebook":
+                    sec = _codebook(d, tmp, fps)
+                elif part == "gmm":
+                    sec = _gmm(d, tmp)
+                else:
+                    sec = _align(d, tmp, worst, fps)
+            except (ValueError, OSError, KeyError, json.JSONDecodeError) as e:
+                msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+                log.warning("report: %s: %s", part, msg)
+                sec = f'<p class="missing">unreadable: {_esc(msg)}</p>'
+            body.append(f'<section id="{part}"><h2>{_esc(titles[part])}</h2>\n{sec}\n</section>')
+    stamp = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    page = (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>streamq report: {_esc(run.name)}'
+            f'</title><style>{_CSS}</style></head><body>\n<h1>streamq run report</h1>\n'
+            f'<p class="note">{_esc(run.resolve())}, written {stamp}</p>\n' + "\n".join(body) + "\n</body></html>\n")
+    tmp_out = out.with_name(f".{out.name}.tmp")
+    tmp_out.write_text(page, encoding="utf-8")
+    tmp_out.replace(out)
+    return str(out)

@@ -1,0 +1,194 @@
+"""`streamq report`: one self-contained page, checked in a real headless browser (Debian's chromium).
+
+scripts/test installs chromium when it is missing (as it does espeak-ng); a missing browser is a failure,
+never a skip.
+"""
+
+import csv
+import json
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from streamq import plots
+from streamq.cli import main
+from streamq.report import write_report
+from streamq.store import FrameStore
+from test_plots import write_lbg_fit, write_trace
+
+IMG_SRC = re.compile(r'<img [^>]*src="([^"]*)"')
+
+
+def write_csv(path, rows):
+    cols = list(dict.fromkeys(k for r in rows for k in r))
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=cols)
+        w.writeheader()
+        w.writerows(rows)
+
+
+def make_run(root, analysis=True):
+    """A run directory of scripts/demo's shape, every part written to its data contract with small arrays."""
+    rng = np.random.default_rng(0)
+    st = FrameStore.create(root / "store", dim=13, feature_config={"winlen": 0.025, "winstep": 0.01})
+    st.append([{"id": f"u{i}", "frames": rng.normal(size=(50 + 10 * i, 13)).astype(np.float32),
+                "transcript": "the cat", "duration": 0.5 + 0.1 * i} for i in range(4)])
+    (root / "compare").mkdir()
+    recs = [{"method": m, "stage": 0, "step": s, "k": 16, "frames_seen": 256 * s, "wall_seconds": 0.1 * s + j,
+             "loss": 5.0 / (1 + s) + j, "entropy": 2.0 + 0.1 * s, "log_k": np.log(16), "utilisation": 0.9,
+             "dead": 0} for j, m in enumerate(("random", "lloyd", "lbg")) for s in range(1, 6)]
+    write_csv(root / "compare" / "history.csv", recs)
+    plots.plot_compare(recs, root / "compare")
+    write_lbg_fit(root / "codebook")
+    (root / "codebook" / "config.json").write_text(json.dumps({"k": 24, "method": "lbg", "seed": 0}))
+    (root / "gmm").mkdir()
+    g = [{"iteration": i, "frames": 1000, "train_loglik": -20 + i, "heldout_loglik": -20.5 + i, "reseeded": int(i == 2),
+          "min_occupancy": 3.0, "em_seconds": 0.1, "seconds": 0.2 * i} for i in range(5)]
+    write_csv(root / "gmm" / "history.csv", g)
+    plots.plot_gmm_history(g, root / "gmm" / "history.png")
+    a = root / "align"
+    a.mkdir()
+    (a / "summary.json").write_text(json.dumps({"utterances": 4, "aligned": 3, "unaligned": 1, "iterations": 3,
+                                                "loglik_per_frame": -51.2}))
+    write_csv(a / "history.csv", [{"iteration": i, "loglik": -1000 + i, "loglik_per_frame": -52 + i} for i in range(3)])
+    (a / "unaligned.tsv").write_text("utterance_id\treason\nu3\ttoo few frames for the transcript\n")
+    for i, uid in enumerate(("u0", "u1")):
+        write_trace(a, uid, n_iter=3, T=50 + 10 * i, seed=i)
+    (a / "plots").mkdir()
+    shutil.copy(root / "gmm" / "history.png", a / "plots" / "u2.png")  # a static picture, no trace
+    if analysis:
+        write_csv(a / "alignment_analysis.csv",
+                  [{"id": "u0", "loglik_per_frame": -50.0, "flagged": 0},
+                   {"id": "u1", "loglik_per_frame": -58.0, "flagged": 1},
+                   {"id": "u2", "loglik_per_frame": -55.0, "flagged": 0},
+                   {"id": "u3", "loglik_per_frame": "", "flagged": 1}])
+    return root
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    return make_run(tmp_path_factory.mktemp("run"))
+
+
+@pytest.fixture(scope="module")
+def report(run_dir):
+    return write_report(run_dir, worst=3)
+
+
+def images(page):
+    return IMG_SRC.findall(page)
+
+
+def test_report_is_self_contained_with_every_part(report, run_dir):
+    assert report == str(run_dir / "report.html")
+    page = open(report, encoding="utf-8").read()
+    srcs = images(page)
+    # compare: 2, codebook: the LBG animation, gmm: history.png, align: u1, u2, u0 (worst first)
+    assert len(srcs) == 7
+    assert all(s.startswith(("data:image/png;base64,", "data:image/gif;base64,")) for s in srcs)
+    assert "not run" not in page and "unreadable" not in page
+    assert "http://" not in page and "https://" not in page and "<script" not in page
+    worst = page[page.index("worst-scoring"):]
+    assert worst.index(">u1<") < worst.index(">u2<") < worst.index(">u0<")
+    assert "u3" in page  # listed among the unaligned
+    assert page.count("data:image/gif") == 3  # LBG, u1 and u0 from traces; u2 has only its static PNG
+
+
+def test_report_worst_ordering_and_count(run_dir):
+    from streamq.report import worst_utterances
+
+    rows = worst_utterances(run_dir / "align", 10)
+    assert [r["id"] for r in rows] == ["u1", "u2", "u0", "u3"]  # no score sorts last
+    assert [r["id"] for r in worst_utterances(run_dir / "align", 1)] == ["u1"]
+
+
+def test_report_says_not_run_for_missing_parts(tmp_path):
+    page = open(write_report(tmp_path), encoding="utf-8").read()
+    assert page.count("not run") == 5 and not images(page)
+    make_run(tmp_path / "r", analysis=False)
+    shutil.rmtree(tmp_path / "r" / "gmm")
+    (tmp_path / "r" / "codebook" / "stages.npz").write_bytes(b"not a zip")
+    page = open(write_report(tmp_path / "r", worst=5), encoding="utf-8").read()
+    assert page.count("not run") == 1 and "gmm/history.csv not found" in page
+    assert "unreadable" in page  # the damaged stages.npz: that section says so, the rest still renders
+    assert "no alignment_analysis.csv" in page and page.count("data:image/gif") == 2  # the two traced ones
+
+
+def test_report_cli_prints_the_path(run_dir, tmp_path, capsys):
+    shutil.copytree(run_dir, tmp_path / "r")
+    (tmp_path / "r" / "report.html").unlink()
+    assert main(["report", str(tmp_path / "r"), "--worst", "1"]) == 0
+    out = capsys.readouterr().out.strip()
+    assert out == str(tmp_path / "r" / "report.html")
+    assert len(images(open(out, encoding="utf-8").read())) == 5
+    assert main(["report", str(tmp_path / "nope")]) == 1
+    assert "not a directory" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------ in a real browser
+PROBE = """<script>
+window.addEventListener('load', function () {
+  var out = [];
+  document.querySelectorAll('img').forEach(function (im) {
+    out.push(im.complete + ':' + im.naturalWidth + 'x' + im.naturalHeight);
+  });
+  var p = document.createElement('pre'); p.id = 'probe'; p.textContent = out.join(' ');
+  document.body.appendChild(p);
+});
+</script></body>"""
+
+
+def chromium(args, tmp_path):
+    exe = shutil.which("chromium") or shutil.which("chromium-browser")
+    if exe is None:  # a hard failure: scripts/test installs chromium
+        raise RuntimeError("chromium is required by the report tests (apt-get install chromium)")
+    cmd = [exe, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+           "--disable-component-update", "--disable-sync", "--no-first-run", "--disable-dev-shm-usage",
+           f"--user-data-dir={tmp_path / 'profile'}", *args]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=120, check=True)
+
+
+def probe(page_path, tmp_path):
+    """naturalWidth x naturalHeight of every <img>, as the browser decoded them."""
+    html = open(page_path, encoding="utf-8").read()
+    probed = tmp_path / "probed.html"
+    probed.write_text(html.replace("</body>", PROBE, 1), encoding="utf-8")
+    dom = chromium(["--dump-dom", probed.as_uri()], tmp_path).stdout
+    m = re.search(r'<pre id="probe">([^<]*)</pre>', dom)
+    assert m, "the probe script did not run"
+    return [tuple(int(v) for v in s.split(":")[1].split("x")) for s in m.group(1).split()]
+
+
+def test_report_images_load_in_headless_chromium(report, tmp_path):
+    sizes = probe(report, tmp_path)
+    assert len(sizes) == 7
+    assert all(w > 0 and h > 0 for w, h in sizes), sizes
+    # the decoded sizes are the embedded files' own sizes
+    for (w, h), src in zip(sizes, images(open(report, encoding="utf-8").read())):
+        import base64
+        import io
+
+        im = Image.open(io.BytesIO(base64.b64decode(src.split(",", 1)[1])))
+        assert (w, h) == im.size
+
+
+def test_probe_sees_a_broken_image(tmp_path):
+    # the control: the same probe reports 0 for an image the browser cannot decode
+    page = tmp_path / "broken.html"
+    page.write_text('<!DOCTYPE html><html><body><img src="data:image/png;base64,AAAA"></body></html>')
+    assert probe(page, tmp_path) == [(0, 0)]
+
+
+def test_report_screenshot_is_not_blank(report, tmp_path):
+    shot = tmp_path / "shot.png"
+    chromium([f"--screenshot={shot}", "--window-size=1200,2400", "--hide-scrollbars",
+              Path(report).as_uri()], tmp_path)
+    a = np.asarray(Image.open(shot).convert("L"), np.float64)
+    assert a.shape == (2400, 1200)
+    assert a.var() > 200, f"screenshot looks blank (variance {a.var():.1f})"
+    assert (a < 128).mean() > 0.02  # dark pixels: text, curves and images, not just a white page
