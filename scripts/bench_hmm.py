@@ -48,7 +48,7 @@ def chain_problem(T, S, seed=0):
 def bench_kernels(T, S, repeats, hmm_repeats):
     from hmmlearn import _hmmc
 
-    from streamq.kernels.hmm import forward_backward, forward_backward_log, viterbi
+    from streamq.kernels.lattice import forward_backward, forward_backward_log, viterbi
 
     le, stay, nxt, skip = chain_problem(T, S)
     su = np.arange(S, dtype=np.int64)

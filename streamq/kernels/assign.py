@@ -1,29 +1,44 @@
-"""Nearest-codeword assignment and per-codeword accumulation (Numba kernels).
+"""Nearest-codeword assignment and hard-assignment cluster statistics (Numba kernels).
 
-Distances use ``||x||^2 - 2 x.c + ||c||^2``, fused with a running argmin and
-computed tile by tile, so no ``B x K`` matrix is ever formed.
+Distances use ``||x'||^2 - 2 x'.c' + ||c'||^2`` on *centred and scaled* copies
+``x' = (x - s) 2^-e``, ``c' = (c - s) 2^-e``, fused with a running argmin and
+computed tile by tile, so no ``B x K`` matrix is ever formed.  The shift ``s``
+is the codebook's mean and ``2^-e`` a power of two that brings the centred
+codebook to unit size, so the expansion does not cancel on uncentred data
+(offset 1e4) and cannot overflow float32 for large values (1e19, 1e30).  The
+winner's squared distance is then recomputed directly, ``sum_d (x_d - c_d)^2``
+with float64 accumulation from the original float32 values: ``d2`` has no
+cancellation at all.
 
 Design of :func:`assign`
 ------------------------
-Points are processed in tiles of ``_P = 48`` points, transposed into a small
-``(D, 48)`` buffer so that one row holds dimension ``d`` of 48 points, i.e.
-three 16-lane float32 vectors.  The inner loop (:func:`_scan_tile`, emitted
-directly as LLVM IR with explicit ``<16 x float>`` vectors, because Numba's
-auto-vectoriser prefers 256-bit vectors and keeps accumulators in memory)
-walks the codebook four codewords at a time and, for every dimension, issues
-one broadcast of ``-2 c[k, d]`` and one fused multiply-add per 16 points into
-twelve register accumulators initialised with ``||c_k||^2``.  A branch-free
-compare/select keeps, for every point, the smallest value seen so far and its
-codeword index.  Codewords are visited in increasing index order with a strict
-``<``, so **on exact ties the lowest codeword index wins**.  ``||x||^2`` is
-added at the end and the distance is clamped at 0.
+Points are processed in tiles of ``_P = 48`` points, centred, scaled and
+transposed into a small ``(D, 48)`` buffer so that one row holds dimension
+``d`` of 48 points, i.e. three 16-lane float32 vectors.  The inner loop
+(:func:`_scan_tile`, emitted directly as LLVM IR with explicit ``<16 x float>``
+vectors, because Numba's auto-vectoriser prefers 256-bit vectors and keeps
+accumulators in memory) walks the codebook four codewords at a time and, for
+every dimension, issues one broadcast of ``-2 c'[k, d]`` and one fused
+multiply-add per 16 points into twelve register accumulators initialised with
+``||c'_k||^2``.  A branch-free compare/select keeps, for every point, the
+smallest value seen so far and its codeword index.  Codewords are visited in
+increasing index order with a strict ``<``, so **on exact ties the lowest
+codeword index wins**.  A point whose best fused value is not finite (its
+scaled coordinates overflow float32, or it holds a NaN) is redone by an exact
+float64 scan.
 
 Parallelism is over groups of point tiles (``prange``); inside a group the
 codebook is walked in blocks that stay in L2 so that large codebooks
 (K = 65536) are not re-streamed from memory for every tile.
+
+:func:`cluster_stats` is the one hard-assignment statistics kernel (counts,
+sums, per-dimension sums of squares about a shift, summed squared distances)
+used by the codebook trainers, the GMM initialisation and the aligner.
 """
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import numpy as np
 from llvmlite import ir
@@ -32,7 +47,7 @@ from numba import njit, prange, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-__all__ = ["assign", "accumulate", "assign_accumulate"]
+__all__ = ["assign", "cluster_stats", "ClusterStats"]
 
 # Tile shape of the inner kernel (IR-generation constants, not read by @njit code):
 # 48 points = three 16-lane vectors, times 4 codewords = 12 zmm accumulators.
@@ -40,6 +55,7 @@ __all__ = ["assign", "accumulate", "assign_accumulate"]
 _NV = 3
 _P = 16 * _NV  # points per tile
 _NC = 4  # codewords per inner step; K is padded to a multiple of this
+_F32_MAX = float(np.finfo(np.float32).max)
 
 
 @intrinsic
@@ -135,20 +151,45 @@ def _scan_tile(typingctx, xt, cb, cn, k0, k1, bv, bi):
     return sig, codegen
 
 
+@njit(cache=True, nogil=True)
+def _exact_nearest(X, C, i):
+    """Exact float64 scan for point ``i`` (fallback when its fused values are not finite).
+
+    X : float32 (B, D), IN. C : float32 (K, D), IN. Returns the lowest k minimising
+    ``sum_d (x_d - c_kd)^2`` in float64 (0 if every distance is NaN).
+    """
+    K, D = C.shape
+    best = np.inf
+    arg = 0
+    for k in range(K):
+        acc = 0.0
+        for d in range(D):
+            diff = np.float64(X[i, d]) - np.float64(C[k, d])
+            acc += diff * diff
+        if acc < best:
+            best = acc
+            arg = k
+    return arg
+
+
 @njit(cache=True, parallel=True, nogil=True)
-def _assign_kernel(X, cb, cn, P, kblock, tiles_per_group, out_labels, out_d2):
-    """Fused nearest-codeword search, parallel over groups of point tiles.
+def _assign_kernel(X, C, shift, scale, cb, cn, P, kblock, tiles_per_group, out_labels, out_d2):
+    """Fused nearest-codeword search on centred, scaled points, parallel over groups of point tiles.
 
     Parameters
     ----------
-    X : float32 (B, D) C-contiguous, IN.
-    cb : float32 (Kp, D) C-contiguous, IN. ``-2 C``, padded with zero rows to a multiple of 4.
-    cn : float32 (Kp,), IN. ``||c||^2``; +inf on padded rows (never chosen).
+    X : float32 (B, D) C-contiguous, IN. Original points.
+    C : float32 (K, D) C-contiguous, IN. Original codebook (for the exact ``d2`` and the fallback).
+    shift : float64 (D,), IN. Centring offset ``s``.
+    scale : float64. Power of two ``2^-e``; the kernel scans ``x' = float32((x - s) * scale)``.
+    cb : float32 (Kp, D) C-contiguous, IN. ``-2 c'``, padded with zero rows to a multiple of 4.
+    cn : float32 (Kp,), IN. ``||c'||^2``; +inf on padded rows (never chosen).
     P : int64. Points per tile; must equal ``_P`` (the inner kernel's tile width).
     kblock : int64. Codewords per cache block (multiple of 4).
     tiles_per_group : int64. Tiles that share one pass over each codebook block.
     out_labels : int64 (B,), OUT. Nearest codeword (lowest index on exact ties).
-    out_d2 : float32 (B,), OUT. Its squared distance, clamped at 0.
+    out_d2 : float32 (B,), OUT. Its squared distance ``sum_d (x_d - c_d)^2``, float64 accumulation,
+        rounded once to float32 (inf where that overflows, NaN for a NaN point).
     """
     B, D = X.shape
     Kp = cb.shape[0]
@@ -165,7 +206,7 @@ def _assign_kernel(X, cb, cn, P, kblock, tiles_per_group, out_labels, out_d2):
             for p in range(min(P, p1 - p0 - t * P)):
                 i = p0 + t * P + p
                 for d in range(D):
-                    xt[t, d, p] = X[i, d]
+                    xt[t, d, p] = np.float32((np.float64(X[i, d]) - shift[d]) * scale)
         for kb0 in range(0, Kp, kblock):
             kb1 = min(Kp, kb0 + kblock)
             for t in range(nt):
@@ -173,82 +214,41 @@ def _assign_kernel(X, cb, cn, P, kblock, tiles_per_group, out_labels, out_d2):
         for t in range(nt):
             for p in range(min(P, p1 - p0 - t * P)):
                 i = p0 + t * P + p
-                xn = 0.0
+                k = np.int64(bi[t, p])
+                v = bv[t, p]
+                if not (v < np.inf and v > -np.inf):  # fused values overflowed (or NaN): exact scan
+                    k = _exact_nearest(X, C, i)
+                acc = 0.0
                 for d in range(D):
-                    xd = np.float64(X[i, d])
-                    xn += xd * xd
-                v = np.float64(bv[t, p]) + xn
-                out_d2[i] = np.float32(v) if v > 0.0 else np.float32(0.0)
-                out_labels[i] = bi[t, p]
+                    diff = np.float64(X[i, d]) - np.float64(C[k, d])
+                    acc += diff * diff
+                out_d2[i] = np.float32(acc)
+                out_labels[i] = k
 
 
-@njit(cache=True, parallel=True, nogil=True)
-def _accumulate_kernel(X, labels, d2, K, n_slices):
-    """Per-codeword sums, counts and squared error, per-thread buffers then reduce.
-
-    Parameters
-    ----------
-    X : float32 (B, D), IN.
-    labels : int64 (B,), IN. Values in ``[0, K)``.
-    d2 : float32 (B,), IN. Squared distance of each point to its codeword.
-    K : int64. Number of codewords.
-    n_slices : int64. Contiguous slices of the batch, one private buffer each.
-
-    Returns
-    -------
-    sums : float64 (K, D). counts : int64 (K,). sse : float64 (K,).
-    """
-    B, D = X.shape
-    ps = np.zeros((n_slices, K, D), dtype=np.float64)
-    pc = np.zeros((n_slices, K), dtype=np.int64)
-    pe = np.zeros((n_slices, K), dtype=np.float64)
-    step = (B + n_slices - 1) // n_slices
-    for s in prange(n_slices):
-        for i in range(s * step, min(B, (s + 1) * step)):
-            k = labels[i]
-            pc[s, k] += 1
-            pe[s, k] += d2[i]
-            for d in range(D):
-                ps[s, k, d] += X[i, d]
-    sums = np.zeros((K, D), dtype=np.float64)
-    counts = np.zeros(K, dtype=np.int64)
-    sse = np.zeros(K, dtype=np.float64)
-    for s in range(n_slices):
-        for k in range(K):
-            counts[k] += pc[s, k]
-            sse[k] += pe[s, k]
-            for d in range(D):
-                sums[k, d] += ps[s, k, d]
-    return sums, counts, sse
-
-
-@njit(cache=True, nogil=True)
-def _accumulate_serial(X, labels, d2, K):
-    """Single-threaded :func:`_accumulate_kernel` for small batches: a parallel region costs more than
-    the work when a batch is a few thousand points (and stalls whenever a thread is descheduled)."""
-    B, D = X.shape
-    sums = np.zeros((K, D), dtype=np.float64)
-    counts = np.zeros(K, dtype=np.int64)
-    sse = np.zeros(K, dtype=np.float64)
-    for i in range(B):
-        k = labels[i]
-        counts[k] += 1
-        sse[k] += d2[i]
-        for d in range(D):
-            sums[k, d] += X[i, d]
-    return sums, counts, sse
-
-
-def _prepare_codebook(C):
-    """``-2 C`` padded to a multiple of ``_NC`` rows, and ``||c||^2`` (+inf on padding)."""
+def _prepare_codebook(C, shift, scale):
+    """``-2 c'`` padded to a multiple of ``_NC`` rows, and ``||c'||^2`` (+inf on padding), with
+    ``c' = float32((C - shift) * scale)`` rounded exactly as the kernel rounds the points."""
     K, D = C.shape
     Kp = (K + _NC - 1) // _NC * _NC
+    Cs = ((C.astype(np.float64) - shift) * scale).astype(np.float32)
     cb = np.zeros((Kp, D), dtype=np.float32)
-    cb[:K] = -2.0 * C
+    cb[:K] = -2.0 * Cs
     cn = np.full(Kp, np.inf, dtype=np.float32)
-    C64 = C.astype(np.float64)
+    C64 = Cs.astype(np.float64)
     cn[:K] = np.einsum("kd,kd->k", C64, C64)
     return cb, cn
+
+
+def _centre(C):
+    """Shift (the codebook's mean, float64 (D,)) and power-of-two scale bringing ``C - shift`` to ~1."""
+    C64 = C.astype(np.float64)
+    shift = C64.mean(axis=0)
+    amax = float(np.abs(C64 - shift).max())
+    if not amax > 0.0:  # every codeword equal: nothing to rank
+        return shift, 1.0
+    e = int(np.clip(np.frexp(amax)[1], -120, 120))
+    return shift, float(np.ldexp(1.0, -e))
 
 
 def _check(X, C):
@@ -261,16 +261,28 @@ def _check(X, C):
         raise ValueError(f"expected X (B, D) and C (K, D) with the same D, got {X.shape} and {C.shape}")
     if C.shape[0] < 1 or C.shape[1] < 1:
         raise ValueError(f"codebook must have K >= 1 and D >= 1, got {C.shape}")
+    if not np.isfinite(C).all():
+        bad = np.argwhere(~np.isfinite(C))[0]
+        raise ValueError(f"codebook C holds NaN or inf (first at row {bad[0]}, dim {bad[1]})")
     return np.ascontiguousarray(X), np.ascontiguousarray(C)
 
 
+def _raise_nonfinite(X, d2, what="X"):
+    """One-line ValueError for the first point whose squared distance is not finite."""
+    i = int(np.flatnonzero(~np.isfinite(d2))[0])
+    if not np.isfinite(X[i]).all():
+        raise ValueError(f"{what} row {i} holds NaN or inf; remove or repair non-finite frames")
+    raise ValueError(f"{what} row {i}: squared distance to its nearest codeword overflows float32 "
+                     f"(|values| up to {float(np.abs(X[i]).max()):.3g}); rescale the features")
+
+
 def assign(X, C, out_labels=None, out_d2=None, *, kblock=None, tiles_per_group=None):
-    """Nearest codeword of every point (fused L2 distance + running argmin).
+    """Nearest codeword of every point (fused L2 distance + running argmin on centred data).
 
     Parameters
     ----------
-    X : float32 (B, D). Points (copied to C order if needed). B >= 0.
-    C : float32 (K, D). Codebook; K >= 1 (tested to 65536), D >= 1 (tested to 128).
+    X : float32 (B, D). Points (copied to C order if needed). B >= 0. Must be finite.
+    C : float32 (K, D). Codebook; K >= 1 (tested to 65536), D >= 1 (tested to 128). Must be finite.
     out_labels : int64 (B,), optional OUT buffer.
     out_d2 : float32 (B,), optional OUT buffer.
     kblock : int, optional. Codewords per cache block (default: about 256 KiB of ``-2C``).
@@ -280,10 +292,17 @@ def assign(X, C, out_labels=None, out_d2=None, *, kblock=None, tiles_per_group=N
     Returns
     -------
     labels : int64 (B,). ``argmin_k ||x - c_k||^2``; **on exact ties the lowest k wins**.
-        Distances are float32 ``||c||^2 - 2 x.c`` (fused multiply-adds), so two codewords
-        whose float64 distances differ by less than ~1e-6 of ``||x||^2 + ||c||^2`` may
-        be ranked either way.
-    d2 : float32 (B,). ``max(||x||^2 - 2 x.c + ||c||^2, 0)`` for the chosen codeword.
+        Ranking uses float32 ``||c'||^2 - 2 x'.c'`` (fused multiply-adds) on ``x' = (x - s) 2^-e``,
+        ``c' = (c - s) 2^-e`` with ``s`` the codebook mean: two codewords whose float64 distances
+        differ by less than ~1e-6 of ``||x - s||^2 + ||c - s||^2`` may be ranked either way. The
+        bound is relative to the *centred* norms, so an offset of the data (1e4) costs nothing.
+    d2 : float32 (B,). ``sum_d (x_d - c_d)^2`` for the chosen codeword, accumulated in float64
+        from the float32 inputs and rounded once (relative error <= 2^-24, no cancellation).
+
+    Raises
+    ------
+    TypeError if X or C is not float32. ValueError (one line) for shape mismatches, a NaN / inf in
+    C or X (naming the first bad row), or a squared distance that overflows float32.
     """
     X, C = _check(X, C)
     B = X.shape[0]
@@ -294,59 +313,163 @@ def assign(X, C, out_labels=None, out_d2=None, *, kblock=None, tiles_per_group=N
     if B == 0:
         return out_labels, out_d2
     D = X.shape[1]
-    cb, cn = _prepare_codebook(C)
+    shift, scale = _centre(C)
+    cb, cn = _prepare_codebook(C, shift, scale)
     if kblock is None:
         kblock = (65536 // D) // _NC * _NC
     kblock = int(max(_NC, min(cb.shape[0], (int(kblock) + _NC - 1) // _NC * _NC)))
     if tiles_per_group is None:
         n_tiles = (B + _P - 1) // _P
         tiles_per_group = max(1, min(8, n_tiles // (4 * numba.get_num_threads())))
-    _assign_kernel(X, cb, cn, _P, kblock, int(tiles_per_group), out_labels, out_d2)
+    _assign_kernel(X, C, shift, scale, cb, cn, _P, kblock, int(tiles_per_group), out_labels, out_d2)
+    if not float(out_d2.max()) < np.inf:  # NaN propagates through max: one reduction, no B-sized temporary
+        _raise_nonfinite(X, out_d2)
     return out_labels, out_d2
 
 
-def accumulate(X, labels, d2, K, *, n_slices=None):
-    """Per-codeword statistics of an assigned batch.
+# ------------------------------------------------------------------------------ cluster statistics
+class ClusterStats(NamedTuple):
+    """Hard-assignment statistics of :func:`cluster_stats` (float64 sums, exact int64 counts)."""
+
+    counts: np.ndarray  #: int64 (K,)
+    sums: np.ndarray  #: float64 (K, D): sum of x - shift
+    sq: np.ndarray | None  #: float64 (K, D): sum of (x - shift)^2, or None without second_order
+    sse: np.ndarray | None  #: float64 (K,): sum of d2, or None without d2
+
+
+@njit(cache=True, nogil=True)
+def _stats_slice(X, labels, a, b, shift, d2, counts, sums, sq, sse):
+    """Accumulate points ``a .. b-1`` into one set of buffers (the single kernel body).
+
+    X : float32 (B, D), IN. labels : int64 (B,), IN, in [0, K). shift : float64 (D,), IN.
+    d2 : float32 (B,) or (0,), IN (empty: no sse). counts : int64 (K,), INOUT. sums : float64 (K, D),
+    INOUT. sq : float64 (K, D) or (K, 0), INOUT (width 0: no second order). sse : float64 (K,), INOUT.
+    """
+    D = X.shape[1]
+    want_sq = sq.shape[1] == D and D > 0
+    want_sse = d2.shape[0] > 0
+    for i in range(a, b):
+        k = labels[i]
+        counts[k] += 1
+        if want_sse:
+            sse[k] += d2[i]
+        if want_sq:
+            for d in range(D):
+                v = np.float64(X[i, d]) - shift[d]
+                sums[k, d] += v
+                sq[k, d] += v * v
+        else:
+            for d in range(D):
+                sums[k, d] += np.float64(X[i, d]) - shift[d]
+
+
+@njit(cache=True, nogil=True)
+def _stats_serial(X, labels, K, shift, d2, sq_width):
+    """Single-threaded statistics (small batches: a parallel region costs more than the work).
+
+    Returns counts int64 (K,), sums float64 (K, D), sq float64 (K, sq_width), sse float64 (K,).
+    """
+    B, D = X.shape
+    counts = np.zeros(K, np.int64)
+    sums = np.zeros((K, D), np.float64)
+    sq = np.zeros((K, sq_width), np.float64)
+    sse = np.zeros(K, np.float64)
+    _stats_slice(X, labels, 0, B, shift, d2, counts, sums, sq, sse)
+    return counts, sums, sq, sse
+
+
+@njit(cache=True, parallel=True, nogil=True)
+def _stats_parallel(X, labels, K, shift, d2, sq_width, n_slices):
+    """Statistics over ``n_slices`` contiguous slices, one private buffer set each, reduced afterwards
+    (serial merge in slice order, so results do not depend on thread scheduling).
+
+    Returns counts int64 (K,), sums float64 (K, D), sq float64 (K, sq_width), sse float64 (K,).
+    """
+    B, D = X.shape
+    pc = np.zeros((n_slices, K), np.int64)
+    ps = np.zeros((n_slices, K, D), np.float64)
+    pq = np.zeros((n_slices, K, sq_width), np.float64)
+    pe = np.zeros((n_slices, K), np.float64)
+    step = (B + n_slices - 1) // n_slices
+    for s in prange(n_slices):
+        _stats_slice(X, labels, s * step, min(B, (s + 1) * step), shift, d2, pc[s], ps[s], pq[s], pe[s])
+    counts = np.zeros(K, np.int64)
+    sums = np.zeros((K, D), np.float64)
+    sq = np.zeros((K, sq_width), np.float64)
+    sse = np.zeros(K, np.float64)
+    for s in range(n_slices):
+        for k in range(K):
+            counts[k] += pc[s, k]
+            sse[k] += pe[s, k]
+            for d in range(D):
+                sums[k, d] += ps[s, k, d]
+            for d in range(sq_width):
+                sq[k, d] += pq[s, k, d]
+    return counts, sums, sq, sse
+
+
+_SERIAL_BELOW = 65536  # points per slice below which the parallel region costs more than it saves
+
+
+def cluster_stats(X, labels, K, *, shift=None, d2=None, second_order=True, n_slices=None):
+    """Per-cluster statistics of a hard-assigned batch: the one statistics kernel of streamq.
 
     Parameters
     ----------
-    X : float32 (B, D). Points.
-    labels : int64 (B,). Codeword of each point, in ``[0, K)``.
-    d2 : float32 (B,). Squared distance of each point to its codeword.
-    K : int. Number of codewords.
-    n_slices : int, optional. Private per-thread buffers (default: Numba's thread count,
-        fewer for small batches). Results do not depend on it beyond float64 rounding.
+    X : float32 (B, D). Points (must be finite; checked through the sums).
+    labels : int (B,). Cluster of each point, in ``[0, K)`` (e.g. from :func:`assign`).
+    K : int >= 1. Number of clusters (clusters with no point get zeros).
+    shift : float (D,), optional. Sums are of ``x - shift`` (default 0). Pass a point near the data
+        (the codebook mean) when second-order sums are used for variances: float64 keeps ~16 digits,
+        so ``sq / n - mean^2`` about a far origin loses ``log10(offset^2 / var)`` of them.
+    d2 : float (B,), optional. Squared distance of each point to its codeword (from :func:`assign`);
+        its per-cluster sum is ``sse``.
+    second_order : bool. Also return per-dimension sums of squares (default True).
+    n_slices : int, optional. Private per-thread buffer sets (default: Numba's thread count, 1 for
+        batches under 65536 points per slice, which take the serial path). Results depend on it only
+        through float64 rounding.
 
     Returns
     -------
-    sums : float64 (K, D). Sum of the points assigned to each codeword.
-    counts : int64 (K,). Number of points assigned to each codeword.
-    sse : float64 (K,). Sum of their squared distances (the codeword's distortion).
+    ClusterStats(counts int64 (K,), sums float64 (K, D), sq float64 (K, D) or None,
+    sse float64 (K,) or None). Accumulation in float64 (relative error ~1e-16 * points per cluster).
     """
     X = np.ascontiguousarray(X)
     if X.dtype != np.float32:
         raise TypeError(f"expected float32 X, got {X.dtype}; pass X.astype(np.float32)")
+    if X.ndim != 2:
+        raise ValueError(f"expected X (B, D), got shape {X.shape}")
+    B, D = X.shape
+    K = int(K)
+    if K < 1:
+        raise ValueError(f"K must be >= 1, got {K}")
     labels = np.ascontiguousarray(labels, dtype=np.int64)
-    d2 = np.ascontiguousarray(d2, dtype=np.float32)
-    B = X.shape[0]
-    if labels.shape != (B,) or d2.shape != (B,):
-        raise ValueError(f"labels and d2 must have shape ({B},), got {labels.shape} and {d2.shape}")
+    if labels.shape != (B,):
+        raise ValueError(f"labels must have shape ({B},), got {labels.shape}")
     if B and (labels.min() < 0 or labels.max() >= K):
         raise ValueError(f"labels must lie in [0, {K}), got [{labels.min()}, {labels.max()}]")
+    if shift is None:
+        sh = np.zeros(D, np.float64)
+    else:
+        sh = np.ascontiguousarray(shift, dtype=np.float64).reshape(-1)
+        if sh.shape != (D,) or not np.isfinite(sh).all():
+            raise ValueError(f"shift must be finite with shape ({D},), got shape {np.shape(shift)}")
+    if d2 is None:
+        dd = np.zeros(0, np.float32)
+    else:
+        dd = np.ascontiguousarray(d2, dtype=np.float32)
+        if dd.shape != (B,):
+            raise ValueError(f"d2 must have shape ({B},), got {dd.shape}")
+        if B == 0:
+            dd = np.zeros(0, np.float32)
+    width = D if second_order else 0
     if n_slices is None:
-        n_slices = max(1, min(numba.get_num_threads(), B // 65536))
+        n_slices = max(1, min(numba.get_num_threads(), B // _SERIAL_BELOW))
+    n_slices = int(max(1, min(int(n_slices), max(B, 1))))
     if n_slices == 1:
-        return _accumulate_serial(X, labels, d2, int(K))
-    return _accumulate_kernel(X, labels, d2, int(K), int(n_slices))
-
-
-def assign_accumulate(X, C):
-    """:func:`assign` then :func:`accumulate` on the same batch.
-
-    Returns ``(labels, d2, sums, counts, sse)`` with the shapes documented there.
-    (Fusing the two kernels measured no gain: accumulation is < 5 % of assignment
-    at K >= 256.)
-    """
-    labels, d2 = assign(X, C)
-    sums, counts, sse = accumulate(X, labels, d2, C.shape[0])
-    return labels, d2, sums, counts, sse
+        counts, sums, sq, sse = _stats_serial(X, labels, K, sh, dd, width)
+    else:
+        counts, sums, sq, sse = _stats_parallel(X, labels, K, sh, dd, width, n_slices)
+    if not np.isfinite(sums.sum()) or (d2 is not None and not np.isfinite(sse.sum())):
+        raise ValueError("X (or d2) holds NaN or inf: cluster statistics would not be finite")
+    return ClusterStats(counts, sums, sq if second_order else None, sse if d2 is not None else None)

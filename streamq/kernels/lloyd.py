@@ -1,16 +1,34 @@
-"""Codebook updates: EMA Lloyd step, LBG splitting, dead-codeword repair (Numba kernels).
+"""Codebook updates: EMA Lloyd step, LBG splitting, the dead-codeword policy and repair (Numba kernels).
 
 All kernels are pure: arrays in, new arrays out, inputs never modified.  Randomness
 (the repair perturbation) is drawn by the caller and passed in, so results are
-deterministic.
+deterministic.  The public wrappers refuse non-finite inputs and parameters (``eps = nan``,
+a NaN codebook) with a one-line ``ValueError`` instead of returning a NaN codebook.
+
+Empty-cluster handling lives here and only here: :func:`dead_codewords` says which codewords are dead
+(streaming trainers, LBG's full passes and the GMM's re-seeding all ask it), :func:`repair_dead`
+moves them (faiss-style split of the worst donors).
 """
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 from numba import njit
 
-__all__ = ["ema_update", "split", "repair_dead"]
+__all__ = ["ema_update", "split", "dead_codewords", "repair_dead"]
+
+
+def _finite(name, a):
+    if not np.isfinite(a).all():
+        raise ValueError(f"{name} holds NaN or inf (first at flat index {int(np.flatnonzero(~np.isfinite(a))[0])})")
+
+
+def _finite_scalar(name, x):
+    if not math.isfinite(float(x)):
+        raise ValueError(f"{name} must be finite, got {x}")
+    return float(x)
 
 
 @njit(cache=True, nogil=True)
@@ -72,6 +90,9 @@ def ema_update(C, sums, counts, decay, usage, usage_decay):
                          f"usage {usage.shape}")
     if not (0.0 <= decay <= 1.0 and 0.0 <= usage_decay <= 1.0):
         raise ValueError(f"decay and usage_decay must lie in [0, 1], got {decay}, {usage_decay}")
+    _finite("codebook C", C)
+    _finite("sums", sums)
+    _finite("usage", usage)
     return _ema_kernel(C, sums, counts, float(decay), usage, float(usage_decay))
 
 
@@ -120,7 +141,7 @@ def split(C, eps, sigma=None, idx=None):
 
     Parameters
     ----------
-    C : float32 (K, D). eps : float. sigma : float (D,), optional.
+    C : float32 (K, D), finite. eps : float, finite. sigma : float (D,), optional, finite.
     idx : int (M,), optional; distinct codeword indices in ``[0, K)``.
 
     Returns
@@ -129,6 +150,8 @@ def split(C, eps, sigma=None, idx=None):
     """
     C = np.ascontiguousarray(C, dtype=np.float32)
     K, D = C.shape
+    eps = _finite_scalar("split eps", eps)
+    _finite("codebook C", C)
     if idx is None:
         idx = np.arange(K, dtype=np.int64)
     idx = np.ascontiguousarray(idx, dtype=np.int64).reshape(-1)
@@ -141,8 +164,62 @@ def split(C, eps, sigma=None, idx=None):
         sig = np.ascontiguousarray(sigma, dtype=np.float32).reshape(-1)
         if sig.shape != (D,):
             raise ValueError(f"sigma must have shape ({D},), got {np.shape(sigma)}")
+        _finite("sigma", sig)
         use_sigma = True
     return _split_kernel(C, float(eps), sig, use_sigma, idx)
+
+
+def dead_codewords(idle, age, usage, batch_size, usage_decay, dead_threshold, *, pass_counts=None, min_count=1.0):
+    """Which codewords are dead: the one dead-codeword policy of streamq (pure NumPy, no state).
+
+    Streaming rule (minibatch trainers, ``pass_counts=None``): codeword ``k`` is dead when
+
+    - it won no frame in the last ``W = max(20, ceil(50 K / B))`` steps (``idle[k] >= W``: about 50
+      frames' worth at a fair share ``B / K`` per step), or
+    - its usage EMA has settled (``age[k] >= 1 / (1 - usage_decay)`` steps) and is under
+      ``dead_threshold / K`` (a share of the fair share ``1 / K``).
+
+    Whole-pass rule (``pass_counts`` given: an exact Lloyd pass over all frames, or an EM pass): a
+    pass is a window long enough on its own, so codeword ``k`` is dead when ``pass_counts[k] <= 0``
+    or ``pass_counts[k] < min_count`` (LBG's full pass: integer counts, ``min_count = 1``, i.e. no
+    frame; the GMM: occupancy in frames, ``min_count`` its parameter). Should every codeword fall
+    under ``min_count`` (tiny data), only the empty ones are dead. ``idle``, ``age``, ``usage``,
+    ``batch_size``, ``usage_decay`` and ``dead_threshold`` are ignored (they may be None).
+
+    Parameters
+    ----------
+    idle : int (K,). Steps since the codeword last won a frame.
+    age : int (K,). Steps since the codeword was created or last repaired.
+    usage : float (K,). EMA of the codeword's share of each batch.
+    batch_size : int >= 1. B, frames per step.
+    usage_decay : float in [0, 1] (1: the usage test never applies). dead_threshold : float >= 0.
+    pass_counts : float or int (K,), optional. Frames (or occupancy) won over a whole pass.
+    min_count : float. Whole-pass threshold (default 1).
+
+    Returns
+    -------
+    dead : bool (K,). A new array; the inputs are not modified.
+    """
+    if pass_counts is not None:
+        n = np.asarray(pass_counts, dtype=np.float64).reshape(-1)
+        if np.isnan(n).any():
+            raise ValueError("pass_counts holds NaN")
+        dead = (n <= 0) | (n < float(min_count))
+        if dead.all():
+            dead = n <= 0
+        return dead
+    idle = np.asarray(idle)
+    age = np.asarray(age)
+    usage = np.asarray(usage, dtype=np.float64)
+    K = idle.shape[0]
+    if idle.shape != (K,) or age.shape != (K,) or usage.shape != (K,):
+        raise ValueError(f"idle, age and usage must have shape (K,), got {idle.shape}, {age.shape}, {usage.shape}")
+    if int(batch_size) < 1 or not 0.0 <= float(usage_decay) <= 1.0:
+        raise ValueError(f"batch_size must be >= 1 and usage_decay in [0, 1], got {batch_size}, {usage_decay}")
+    window = max(20, math.ceil(50 * K / int(batch_size)))
+    settle = 1.0 / (1.0 - float(usage_decay)) if usage_decay < 1.0 else np.inf  # 1: the EMA never moves
+    mature = age >= settle
+    return (idle >= window) | (mature & (usage < float(dead_threshold) / K))
 
 
 @njit(cache=True, nogil=True)
@@ -203,7 +280,7 @@ def repair_dead(C, dead, distortion, counts, eps, noise):
     Parameters
     ----------
     C : float32 (K, D). dead : bool (K,). distortion : float (K,) (e.g. ``sse`` from
-    :func:`streamq.kernels.assign.accumulate`). counts : int (K,). eps : float.
+    :func:`streamq.kernels.assign.cluster_stats`). counts : int (K,). eps : float.
     noise : float32 (n_dead, D); standard normal, drawn by the caller from a seeded
     ``numpy.random.Generator`` (``rng.standard_normal((dead.sum(), D), dtype=np.float32)``).
 
@@ -223,5 +300,10 @@ def repair_dead(C, dead, distortion, counts, eps, noise):
     if noise.shape != (n_dead, D):
         raise ValueError(f"noise must have shape ({n_dead}, {D}) (one row per dead codeword), "
                          f"got {noise.shape}")
+    eps = _finite_scalar("repair eps", eps)
+    _finite("codebook C", C)
+    _finite("noise", noise)
+    if np.isnan(distortion).any():
+        raise ValueError("distortion holds NaN")
     C_new, n = _repair_kernel(C, dead, distortion, counts, float(eps), noise)
     return C_new, int(n)

@@ -11,20 +11,21 @@ A plain linear chain is ``skip = 0``. Every kernel is O(T * S) in time.
 
 Emissions are given per *unit* (T, U) together with ``state_unit`` (S,), the unit each state
 emits with (several states share a unit: the same character in several places of a transcript).
-Use ``state_unit = arange(S)`` for one unit per state.
+Use ``state_unit = arange(S)`` for one unit per state. The emission side (diagonal Gaussians,
+tied mixtures, their statistics) is in :mod:`streamq.kernels.tied`.
 
 All kernels are pure (arrays in, arrays out), compiled with ``cache=True`` and never read
-module globals. Log-domain code does not use fastmath (inputs may hold ``-inf``).
+module globals. Log-domain code uses no fastmath at all (inputs may hold ``-inf``).
+Tie rule of :func:`viterbi`: on equal scores the predecessor with the smaller jump wins
+(stay before next before skip).
 """
 
 from __future__ import annotations
 
 import numpy as np
-from numba import njit, prange
+from numba import njit
 
-# Linear-domain kernels on finite data may reassociate sums (vectorised reductions); never
-# 'nnan'/'ninf', and the log-domain lattice kernels use no fastmath at all.
-_LINEAR_FASTMATH = {"reassoc", "contract", "arcp"}
+__all__ = ["forward_backward", "forward_backward_log", "viterbi"]
 
 
 # --------------------------------------------------------------------------- helpers
@@ -297,176 +298,3 @@ def viterbi(log_emit, state_unit, stay, nxt, skip):
         path[t] = s
         s -= back[t, s]
     return path, score
-
-
-# --------------------------------------------------------------------------- emissions and statistics
-@njit(cache=True, nogil=True, fastmath=_LINEAR_FASTMATH)
-def diag_gauss_loglik(X, means, variances, out):
-    """Log-density of each frame under each diagonal Gaussian.
-
-    Parameters
-    ----------
-    X : float32 (T, D) IN; means : float32 / float64 (K, D) IN; variances : (K, D) IN, > 0.
-    out : float64 (T, K) OUT   ``log N(x_t; mu_k, diag(var_k))``.
-    """
-    T, D = X.shape
-    K = means.shape[0]
-    prec = np.empty((K, D))
-    const = np.empty(K)
-    for k in range(K):
-        c = -0.5 * D * np.log(2.0 * np.pi)
-        for d in range(D):
-            prec[k, d] = 1.0 / variances[k, d]
-            c -= 0.5 * np.log(variances[k, d])
-        const[k] = c
-    mu = means.astype(np.float64)
-    x = np.empty(D)
-    for t in range(T):
-        for d in range(D):
-            x[d] = X[t, d]
-        for k in range(K):
-            acc = 0.0
-            for d in range(D):
-                diff = x[d] - mu[k, d]
-                acc += diff * diff * prec[k, d]
-            out[t, k] = const[k] - 0.5 * acc
-    return out
-
-
-@njit(cache=True, nogil=True)
-def frame_normalise(G):
-    """Subtract each row's maximum and exponentiate, in place.
-
-    G : float64 (T, K) INOUT   on exit ``exp(G[t] - max_k G[t])``, values in (0, 1].
-    Returns shift : float64 (T,), the row maxima (so ``G_in = shift[:, None] + log G_out``).
-    """
-    T, K = G.shape
-    shift = np.empty(T)
-    for t in range(T):
-        m = -np.inf
-        for k in range(K):
-            if G[t, k] > m:
-                m = G[t, k]
-        shift[t] = m
-        for k in range(K):
-            G[t, k] = np.exp(G[t, k] - m)
-    return shift
-
-
-@njit(cache=True, nogil=True)
-def occupancy_by_unit(gamma, state_unit, n_units):
-    """Sum state posteriors over the states sharing a unit.
-
-    gamma : float64 (T, S) IN; state_unit : int64 (S,) IN.
-    Returns occ : float64 (T, n_units) OUT, ``occ[t, u] = sum_{s: unit(s)=u} gamma[t, s]``.
-    """
-    T, S = gamma.shape
-    occ = np.zeros((T, n_units))
-    for t in range(T):
-        for s in range(S):
-            occ[t, state_unit[s]] += gamma[t, s]
-    return occ
-
-
-@njit(cache=True, parallel=True)
-def nearest_stats(X, C):
-    """Nearest codeword of every frame, with per-codeword counts, sums and sums of squares.
-
-    Used once to turn a codebook into a diagonal GMM (variance per cluster).
-
-    Parameters
-    ----------
-    X : float32 (N, D) IN; C : float32 (K, D) IN.
-
-    Returns
-    -------
-    counts : float64 (K,); sums : float64 (K, D); sq : float64 (K, D)   (per-thread buffers, reduced).
-    """
-    N, D = X.shape
-    K = C.shape[0]
-    n_threads = 8
-    cnt = np.zeros((n_threads, K))
-    sm = np.zeros((n_threads, K, D))
-    sq = np.zeros((n_threads, K, D))
-    c2 = np.empty(K)
-    for k in range(K):
-        acc = 0.0
-        for d in range(D):
-            acc += np.float64(C[k, d]) * C[k, d]
-        c2[k] = acc
-    block = (N + n_threads - 1) // n_threads
-    for th in prange(n_threads):
-        lo = th * block
-        hi = min(N, lo + block)
-        for i in range(lo, hi):
-            best = np.inf
-            arg = 0
-            for k in range(K):
-                dot = 0.0
-                for d in range(D):
-                    dot += np.float64(X[i, d]) * C[k, d]
-                v = c2[k] - 2.0 * dot
-                if v < best:
-                    best = v
-                    arg = k
-            cnt[th, arg] += 1.0
-            for d in range(D):
-                x = np.float64(X[i, d])
-                sm[th, arg, d] += x
-                sq[th, arg, d] += x * x
-    counts = np.zeros(K)
-    sums = np.zeros((K, D))
-    sqs = np.zeros((K, D))
-    for th in range(n_threads):
-        counts += cnt[th]
-        sums += sm[th]
-        sqs += sq[th]
-    return counts, sums, sqs
-
-
-@njit(cache=True, nogil=True, fastmath=_LINEAR_FASTMATH)
-def mixture_likelihoods(Gx, W):
-    """Per-unit mixture likelihoods relative to each frame's best Gaussian.
-
-    Gx : float64 (T, K) IN   ``exp(G[t, k] - shift[t])`` (see :func:`frame_normalise`).
-    W : float64 (U, K) IN    mixture weights of each unit (rows sum to 1).
-    Returns P : float64 (T, U) OUT, ``P[t, u] = sum_k W[u, k] Gx[t, k]``; the unit's log-emission is
-    ``shift[t] + log P[t, u]``. Plain loops (no BLAS: small products, no thread oversubscription).
-    """
-    T, K = Gx.shape
-    U = W.shape[0]
-    P = np.empty((T, U))
-    for t in range(T):
-        for u in range(U):
-            acc = 0.0
-            for k in range(K):
-                acc += W[u, k] * Gx[t, k]
-            P[t, u] = acc
-    return P
-
-
-@njit(cache=True, nogil=True)
-def mixture_counts(Gx, occ, P, W):
-    """Expected component counts per unit (the M-step statistics of the tied weights).
-
-    ``counts[u, k] = sum_t occ[t, u] * W[u, k] Gx[t, k] / P[t, u]``: the unit's occupancy times the
-    component's posterior within the unit's mixture.
-
-    Gx : float64 (T, K) IN; occ : float64 (T, U) IN state occupancy summed per unit;
-    P : float64 (T, U) IN from :func:`mixture_likelihoods`; W : float64 (U, K) IN.
-    Returns counts : float64 (U, K) OUT (frames with ``occ == 0`` contribute nothing).
-    """
-    T, K = Gx.shape
-    U = W.shape[0]
-    acc = np.zeros((U, K))
-    for t in range(T):
-        for u in range(U):
-            o = occ[t, u]
-            if o > 0.0 and P[t, u] > 0.0:
-                r = o / P[t, u]
-                for k in range(K):
-                    acc[u, k] += r * Gx[t, k]
-    for u in range(U):
-        for k in range(K):
-            acc[u, k] *= W[u, k]
-    return acc

@@ -1,0 +1,252 @@
+"""Plain NumPy reference implementations of every kernel in ``streamq.kernels`` (float64, obvious code).
+
+Slow on purpose: loops or the most direct vectorised NumPy, no centring tricks, no pruning, no
+threads. Every kernel test compares against these (stumpy's ``tests/naive.py`` pattern). Tie rules
+follow the kernels' documented ones: the lowest index wins.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import numpy as np
+
+# ------------------------------------------------------------------------------------------ assign
+
+
+def sq_distances(X, C):
+    """float64 brute-force squared distances (B, K) from the float32 (or any) inputs."""
+    X = np.asarray(X, np.float64)
+    C = np.asarray(C, np.float64)
+    return ((X[:, None, :] - C[None, :, :]) ** 2).sum(-1)
+
+
+def assign(X, C):
+    """Nearest codeword (lowest index on exact ties), its float64 squared distance, and all distances."""
+    D2 = sq_distances(X, C)
+    lab = D2.argmin(1) if len(X) else np.zeros(0, np.int64)  # argmin returns the first minimum
+    return lab, D2[np.arange(len(X)), lab], D2
+
+
+def cluster_stats(X, labels, K, shift=None, d2=None):
+    """counts int64 (K,), sums (K, D) of x - shift, sq (K, D) of (x - shift)^2, sse (K,) of d2, by a loop."""
+    X = np.asarray(X, np.float64)
+    D = X.shape[1]
+    shift = np.zeros(D) if shift is None else np.asarray(shift, np.float64)
+    counts = np.zeros(K, np.int64)
+    sums = np.zeros((K, D))
+    sq = np.zeros((K, D))
+    sse = np.zeros(K)
+    for i in range(len(X)):
+        k = labels[i]
+        v = X[i] - shift
+        counts[k] += 1
+        sums[k] += v
+        sq[k] += v * v
+        if d2 is not None:
+            sse[k] += d2[i]
+    return counts, sums, sq, sse
+
+
+# ------------------------------------------------------------------------------------------- lloyd
+
+
+def ema_update(C, sums, counts, decay, usage, usage_decay):
+    Cn = np.asarray(C, np.float64).copy()
+    for k in range(len(C)):
+        if counts[k] > 0:
+            Cn[k] = decay * Cn[k] + (1 - decay) * sums[k] / counts[k]
+    B = counts.sum()
+    un = usage_decay * usage + (1 - usage_decay) * (counts / B if B else 0)
+    return Cn.astype(np.float32), un
+
+
+def split(C, eps, sigma=None, idx=None):
+    C = np.asarray(C, np.float64)
+    K = len(C)
+    idx = np.arange(K) if idx is None else np.asarray(idx, np.int64)
+    out = np.concatenate([C, C[idx]]) if len(idx) else C.copy()
+    for i, j in enumerate(idx):
+        delta = eps * (np.asarray(sigma, np.float64) if sigma is not None else C[j])
+        out[j] = C[j] + delta
+        out[K + i] = C[j] - delta
+    return out.astype(np.float32)
+
+
+def repair_dead(C, dead, distortion, counts, eps, noise):
+    C = np.asarray(C, np.float64).copy()
+    dist = np.asarray(distortion, np.float64).copy()
+    elig = (~dead) & (counts > 0)
+    n = 0
+    for i, k in enumerate(np.nonzero(dead)[0]):
+        if not elig.any():
+            break
+        j = int(np.argmax(np.where(elig, dist, -np.inf)))  # first maximum: lowest index on ties
+        c = C[j].copy()
+        C[j] = c + eps * noise[i]
+        C[k] = c - eps * noise[i]
+        dist[j] /= 2
+        dist[k] = dist[j]
+        elig[k] = True
+        n += 1
+    return C.astype(np.float32), n
+
+
+def dead_codewords(idle, age, usage, batch_size, usage_decay, dead_threshold, pass_counts=None, min_count=1.0):
+    """The dead-codeword rule written out codeword by codeword."""
+    if pass_counts is not None:
+        dead = [n <= 0 or n < min_count for n in pass_counts]
+        if all(dead):
+            dead = [n <= 0 for n in pass_counts]
+        return np.array(dead, bool)
+    K = len(idle)
+    window = max(20, math.ceil(50 * K / batch_size))
+    settle = 1 / (1 - usage_decay) if usage_decay < 1 else math.inf
+    return np.array([idle[k] >= window or (age[k] >= settle and usage[k] < dead_threshold / K)
+                     for k in range(K)], bool)
+
+
+# --------------------------------------------------------------------------------------------- gmm
+
+
+def component_loglik(X, w, mu, var):
+    """log w_k N(x_t | mu_k, diag var_k), float64 (N, K), by the direct (x - mu)^2 / var form."""
+    X = np.asarray(X, np.float64)
+    with np.errstate(divide="ignore"):
+        lw = np.log(w)
+    quad = (((X[:, None, :] - mu[None]) ** 2) / var[None]).sum(-1)
+    return lw[None] - 0.5 * np.log(2 * np.pi * var).sum(1)[None] - 0.5 * quad
+
+
+def logsumexp(L):
+    m = L.max(1, keepdims=True)
+    return (m + np.log(np.exp(L - m).sum(1, keepdims=True)))[:, 0]
+
+
+def gselect_top_n(L, n):
+    """Mask (N, K) of each row's n largest entries; ties go to the lowest index (stable sort)."""
+    keep = np.argsort(-L, axis=1, kind="stable")[:, :n]
+    mask = np.zeros(L.shape, bool)
+    np.put_along_axis(mask, keep, True, axis=1)
+    return mask
+
+
+def gmm_precompute(w, mu, var, shift):
+    """const (K,) and W (2D, K) of the dot-product form, written from the formula."""
+    m = mu - shift
+    with np.errstate(divide="ignore"):
+        const = np.log(w) - 0.5 * np.log(2 * np.pi * var).sum(1) - 0.5 * (m ** 2 / var).sum(1)
+    return const, np.vstack([(m / var).T, (-0.5 / var).T])
+
+
+def gmm_stats(X, w, mu, var, shift, gselect=0):
+    """(total, n, f, s, posteriors, per-frame loglik) of the E-step; f, s about ``shift``."""
+    L = component_loglik(X, w, mu, var)
+    if 0 < gselect < L.shape[1]:
+        L = np.where(gselect_top_n(L, gselect), L, -np.inf)
+    lse = logsumexp(L)
+    G = np.exp(L - lse[:, None])
+    Xc = np.asarray(X, np.float64) - shift
+    return lse.sum(), G.sum(0), G.T @ Xc, G.T @ Xc ** 2, G, lse
+
+
+# ----------------------------------------------------------------------------------------- lattice
+
+
+def dense_logA(stay, nxt, skip):
+    S = len(stay)
+    A = np.zeros((S, S))
+    for s in range(S):
+        A[s, s] = stay[s]
+        if s + 1 < S:
+            A[s, s + 1] = nxt[s]
+        if s + 2 < S:
+            A[s, s + 2] = skip[s]
+    with np.errstate(divide="ignore"):
+        return np.log(A)
+
+
+def forward_backward(log_emit, state_unit, stay, nxt, skip):
+    """Log-space forward-backward over the dense transition matrix; start in 0, end in S-1."""
+    from scipy.special import logsumexp as lse
+
+    lb = log_emit[:, state_unit]
+    T, S = lb.shape
+    lA = dense_logA(stay, nxt, skip)
+    la = np.full((T, S), -np.inf)
+    la[0, 0] = lb[0, 0]
+    for t in range(1, T):
+        la[t] = lse(la[t - 1][:, None] + lA, axis=0) + lb[t]
+    lbeta = np.full((T, S), -np.inf)
+    lbeta[T - 1, S - 1] = 0.0
+    for t in range(T - 2, -1, -1):
+        lbeta[t] = lse(lA + (lb[t + 1] + lbeta[t + 1])[None, :], axis=1)
+    ll = la[T - 1, S - 1]
+    if not np.isfinite(ll):
+        return np.zeros((T, S)), -np.inf, np.zeros((S, 3))
+    gamma = np.exp(la + lbeta - ll)
+    xi = np.zeros((S, 3))
+    for t in range(T - 1):
+        x = np.exp(la[t][:, None] + lA + (lb[t + 1] + lbeta[t + 1])[None, :] - ll)
+        for s in range(S):
+            for j in range(3):
+                if s + j < S:
+                    xi[s, j] += x[s, s + j]
+    return gamma, ll, xi
+
+
+def path_score(log_emit, state_unit, stay, nxt, skip, path):
+    lA = dense_logA(stay, nxt, skip)
+    lb = log_emit[:, state_unit]
+    return lb[0, path[0]] + sum(lA[path[t - 1], path[t]] + lb[t, path[t]] for t in range(1, len(path)))
+
+
+def viterbi(log_emit, state_unit, stay, nxt, skip):
+    """Brute force over every state sequence from 0 to S-1 (tiny T and S only)."""
+    T = log_emit.shape[0]
+    S = len(state_unit)
+    best, arg = -np.inf, None
+    for rest in itertools.product(range(S), repeat=T - 1):
+        path = (0,) + rest
+        if path[-1] != S - 1:
+            continue
+        sc = path_score(log_emit, state_unit, stay, nxt, skip, path)
+        if sc > best:
+            best, arg = sc, path
+    return arg, best
+
+
+# -------------------------------------------------------------------------------------------- tied
+
+
+def diag_gauss_loglik(X, means, variances):
+    X = np.asarray(X, np.float64)
+    return -0.5 * (np.log(2 * np.pi * variances).sum(1)[None]
+                   + (((X[:, None] - means[None]) ** 2) / variances[None]).sum(2))
+
+
+def frame_normalise(G):
+    shift = G.max(1)
+    return np.exp(G - shift[:, None]), shift
+
+
+def occupancy_by_unit(gamma, state_unit, n_units):
+    occ = np.zeros((gamma.shape[0], n_units))
+    for s, u in enumerate(state_unit):
+        occ[:, u] += gamma[:, s]
+    return occ
+
+
+def mixture_likelihoods(Gx, W):
+    return Gx @ W.T
+
+
+def mixture_counts(Gx, occ, P, W):
+    T, U = occ.shape
+    ref = np.zeros((U, Gx.shape[1]))
+    for t in range(T):
+        for u in range(U):
+            if occ[t, u] > 0 and P[t, u] > 0:
+                ref[u] += occ[t, u] * W[u] * Gx[t] / P[t, u]
+    return ref
