@@ -3,10 +3,19 @@
 A source is one of
 
 - a **Common Voice release** directory: ``clips/`` plus ``validated.tsv``, ``train.tsv``, ... (``split``
-  picks the TSV); columns are found by header name (``path``, ``sentence``), whatever else is there;
-- a **TSV list**: a header with a ``path`` column and optionally ``sentence`` / ``transcript`` / ``text``, or
-  no header and rows ``path[<TAB>transcript]``; relative paths are relative to the TSV;
-- a **directory** of audio, searched recursively; a ``.txt`` file beside a clip is its transcript.
+  picks the TSV); columns are found by header name (``path``, ``sentence``, ``client_id``), whatever else
+  is there. The id is the clip name without its extension; the speaker is ``client_id``;
+- a **TSV list**: a header with a ``path`` column and optionally ``sentence`` / ``transcript`` / ``text``
+  and ``speaker`` / ``spk`` / ``speaker_id`` / ``client_id``, or no header and rows
+  ``path[<TAB>transcript]``; relative paths are relative to the TSV, and so is the id (the path without
+  its extension);
+- a **directory** of audio, searched recursively (the MFA corpus layout): the id is the path relative to
+  the directory without its extension (``spk1/001``), the speaker the first directory level under it,
+  and a ``.lab`` (else ``.txt``) file beside a clip is its transcript.
+
+Ids are unique by construction; whitespace in an id (it would break space-separated outputs such as
+CTM) is replaced by ``_``. Rows that cannot be read as they stand (more fields than the header: a tab
+inside a transcript) are rejected, never cut.
 
 Extraction runs in a process pool (``jobs``); one writer appends results in source order, so a
 resumed run ends with the same store as an uninterrupted one. Bad clips are reported by name in
@@ -18,34 +27,74 @@ from __future__ import annotations
 import csv
 import dataclasses
 import multiprocessing
+import os
+import re
 import time
 from pathlib import Path
 
 from .features import AUDIO_EXTENSIONS, AudioError, FeatureConfig, extract
 from .progress import bar, log
-from .store import FrameStore, StoreError
+from .store import FrameStore, StoreError, writer_lock
 
 TRANSCRIPT_COLUMNS = ("sentence", "transcript", "text")
+SPEAKER_COLUMNS = ("client_id", "speaker", "spk", "speaker_id")
+TRANSCRIPT_SUFFIXES = (".lab", ".txt")
 
 
 @dataclasses.dataclass(frozen=True)
 class Item:
+    """One listed utterance. ``error`` is set for a listing row that cannot be used (it is rejected)."""
+
     id: str
     path: str
     transcript: str = ""
+    speaker: str = ""
+    error: str | None = None
 
 
 class CorpusError(ValueError):
     """The corpus description itself is unusable (no TSV, no path column, ...)."""
 
 
-def _read_tsv(tsv: Path) -> tuple[list[str] | None, list[list[str]]]:
+_WS = re.compile(r"\s+")
+
+
+def _make_id(path: Path, root: Path) -> str:
+    """The id of ``path``: relative to ``root`` when inside it (else the absolute path without its leading
+    ``/``), without the extension, ``/``-separated. Whitespace is replaced later (:func:`_sanitise`)."""
+    p, r = Path(os.path.normpath(path)), Path(os.path.normpath(root))
+    try:
+        rel = p.relative_to(r)
+    except ValueError:
+        try:
+            rel = Path(os.path.abspath(p)).relative_to(os.path.abspath(r))
+        except ValueError:
+            rel = Path(*Path(os.path.abspath(p)).parts[1:])
+    return (rel.with_suffix("") if rel.suffix else rel).as_posix()
+
+
+def _sanitise(items: list[Item]) -> list[Item]:
+    """Replace whitespace in ids by ``_`` (CTM and other space-separated outputs need whitespace-free ids)."""
+    out, changed = [], []
+    for it in items:
+        new = _WS.sub("_", it.id.strip())
+        if new != it.id:
+            changed.append((it.id, new))
+            it = dataclasses.replace(it, id=new)
+        out.append(it)
+    if changed:
+        log.warning("%d ids held whitespace, replaced by '_' (e.g. %r -> %r)", len(changed), *changed[0])
+    return out
+
+
+def _read_tsv(tsv: Path) -> tuple[list[str] | None, list[tuple[int, list[str]]]]:
     csv.field_size_limit(1 << 24)
-    with open(tsv, newline="", encoding="utf-8") as f:
-        rows = [r for r in csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE) if r and any(c.strip() for c in r)]
+    with open(tsv, newline="", encoding="utf-8-sig") as f:  # -sig: a UTF-8 byte-order mark is not a column name
+        rows = [(n, r) for n, r in enumerate(csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE), 1)
+                if r and any(c.strip() for c in r)]
     if not rows:
         raise CorpusError(f"{tsv}: empty TSV")
-    header = [c.strip().lower() for c in rows[0]]
+    header = [c.strip().lower() for c in rows[0][1]]
     if "path" in header:
         return header, rows[1:]
     return None, rows
@@ -54,30 +103,50 @@ def _read_tsv(tsv: Path) -> tuple[list[str] | None, list[list[str]]]:
 def _items_from_tsv(tsv: Path, audio_dir: Path) -> list[Item]:
     header, rows = _read_tsv(tsv)
     if header is None:
-        p_col, t_col = 0, 1
+        p_col, t_col, s_col, width = 0, 1, None, 2
     else:
         p_col = header.index("path")
         t_col = next((header.index(c) for c in TRANSCRIPT_COLUMNS if c in header), None)
+        s_col = next((header.index(c) for c in SPEAKER_COLUMNS if c in header), None)
+        width = len(header)
     items = []
-    for r in rows:
+    for line, r in rows:
         if p_col >= len(r) or not r[p_col].strip():
             continue
         rel = r[p_col].strip()
         path = Path(rel) if Path(rel).is_absolute() else audio_dir / rel
+        uid = _make_id(path, audio_dir)
+        if len(r) > width:
+            what = f"the header has {width}" if header is not None else "a list without a header has path<TAB>transcript"
+            items.append(Item(uid, str(path), error=f"{tsv}:{line}: {len(r)} tab-separated fields but {what} "
+                              "(a tab inside the transcript?); fix the row"))
+            continue
         text = r[t_col].strip() if t_col is not None and t_col < len(r) else ""
-        items.append(Item(Path(rel).stem, str(path), text))
+        spk = r[s_col].strip() if s_col is not None and s_col < len(r) else ""
+        items.append(Item(uid, str(path), text, spk))
     return items
 
 
+def _transcript_beside(audio: Path) -> str:
+    for suffix in TRANSCRIPT_SUFFIXES:
+        t = audio.with_suffix(suffix)
+        if t.is_file():
+            return " ".join(t.read_text(encoding="utf-8-sig").split())
+    return ""
+
+
 def discover(src, split: str = "validated") -> list[Item]:
-    """List a corpus's utterances in a deterministic order (see the module docstring)."""
+    """List a corpus's utterances in a deterministic order (see the module docstring).
+
+    Items whose ``error`` is set are listing rows that cannot be used; :func:`ingest` rejects them.
+    """
     src = Path(src)
     if not src.exists():
         raise CorpusError(f"{src}: no such file or directory")
     if src.is_file():
         if src.suffix.lower() in AUDIO_EXTENSIONS:
-            return [Item(src.stem, str(src), "")]
-        return _items_from_tsv(src, src.parent)
+            return _sanitise([Item(_make_id(src, src.parent), str(src), _transcript_beside(src))])
+        return _sanitise(_items_from_tsv(src, src.parent))
     if (src / "clips").is_dir() and any(src.glob("*.tsv")):
         tsv = src / f"{split}.tsv"
         if not tsv.exists():
@@ -86,15 +155,16 @@ def discover(src, split: str = "validated") -> list[Item]:
         header, _ = _read_tsv(tsv)
         if header is None:
             raise CorpusError(f"{tsv}: no 'path' column in the header")
-        return _items_from_tsv(tsv, src / "clips")
+        return _sanitise(_items_from_tsv(tsv, src / "clips"))
     items = []
     for p in sorted(src.rglob("*")):
         if p.suffix.lower() in AUDIO_EXTENSIONS and p.is_file():
-            txt = p.with_suffix(".txt")
-            items.append(Item(p.stem, str(p), txt.read_text(encoding="utf-8").strip() if txt.exists() else ""))
+            rel = p.relative_to(src)
+            spk = rel.parts[0] if len(rel.parts) > 1 else ""
+            items.append(Item(_make_id(p, src), str(p), _transcript_beside(p), spk))
     if not items:
         raise CorpusError(f"{src}: no audio files ({', '.join(AUDIO_EXTENSIONS)}) and no Common Voice TSVs")
-    return items
+    return _sanitise(items)
 
 
 _LIMITS = None
@@ -125,10 +195,21 @@ def _extract_one(args):
 
 
 def _write_rejects(path, rejects):
-    with open(path, "w", encoding="utf-8") as f:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
         f.write("id\tpath\treason\n")
         for r in rejects:
             f.write("\t".join(x.replace("\t", " ").replace("\n", " ") for x in r) + "\n")
+    os.replace(tmp, path)
+
+
+def _same_file(a: str, b: str) -> bool:
+    if os.path.abspath(a) == os.path.abspath(b):
+        return True
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False
 
 
 def rejects_path(store_path) -> Path:
@@ -146,22 +227,35 @@ def ingest(src, store_path, config: FeatureConfig | None = None, split: str = "v
     """
     config = config or FeatureConfig()
     items = discover(src, split)
-    store = FrameStore.create(store_path, config.numcep, feature_config=config.as_dict(),
-                              chunk_frames=chunk_frames, exist_ok=True)
     rejects = []
-    with store.writer_lock():
-        done = set(store.ids)
-        seen, todo = set(), []
+    with writer_lock(store_path):  # held from before the store exists: two ingests never race to create it
+        store = FrameStore.create(store_path, config.numcep, feature_config=config.as_dict(),
+                                  chunk_frames=chunk_frames, exist_ok=True)
+        done = dict(zip(store.ids, store.paths))
+        seen, todo, skipped = {}, [], 0
         for it in items:
-            if it.id in seen:
-                rejects.append((it.id, it.path, f"{it.path}: duplicate utterance id '{it.id}'"))
+            if it.error is not None:
+                reason = it.error
+            elif it.id in seen:
+                reason = f"{it.path}: duplicate utterance id '{it.id}' (also listed: {seen[it.id]})"
+            elif it.id in done and not _same_file(done[it.id], it.path):
+                reason = (f"{it.path}: id '{it.id}' is already in the store from another file ({done[it.id]}); "
+                          "ids must be unique: rename the clip or use a new store")
+            else:
+                reason = None
+            if reason is not None:
+                if strict:
+                    raise CorpusError(reason)
+                rejects.append((it.id, it.path, reason))
+                log.warning("rejected %s", reason)
                 continue
-            seen.add(it.id)
-            if it.id not in done:
+            seen[it.id] = it.path
+            if it.id in done:
+                skipped += 1
+            else:
                 todo.append(it)
-        log.info("%s: %d utterances listed, %d already stored, %d to extract", src, len(items),
-                 len(items) - len(todo) - len(rejects), len(todo))
-        t0, audio_s, added, frames_added = time.perf_counter(), 0.0, 0, 0
+        log.info("%s: %d utterances listed, %d already stored, %d to extract", src, len(items), skipped, len(todo))
+        t0, audio_s, added, frames_added, n_listing = time.perf_counter(), 0.0, 0, 0, len(rejects)
         buffer, buffered, last = [], 0, time.perf_counter()
 
         def flush():
@@ -183,7 +277,8 @@ def ingest(src, store_path, config: FeatureConfig | None = None, split: str = "v
                         log.warning("rejected %s", error)
                     else:
                         buffer.append({"id": item.id, "frames": frames, "transcript": item.transcript,
-                                       "path": item.path, "duration": duration})
+                                       "speaker": item.speaker, "path": os.path.abspath(item.path),
+                                       "duration": duration})
                         buffered += len(frames)
                         audio_s += duration
                         added += 1
@@ -200,18 +295,18 @@ def ingest(src, store_path, config: FeatureConfig | None = None, split: str = "v
             if pool:
                 pool.terminate()
                 pool.join()
-    wall = time.perf_counter() - t0
-    rp = rejects_path(store_path)
-    if todo and added == 0 and len(rejects) >= len(todo):
-        _write_rejects(rp, rejects)
-        raise AudioError(f"{src}: all {len(todo)} clips were rejected (first: {rejects[0][2]}); see {rp}")
-    if rejects:
-        _write_rejects(rp, rejects)
-    elif rp.exists():
-        rp.unlink()
+        wall = time.perf_counter() - t0
+        rp = rejects_path(store_path)
+        if todo and added == 0:
+            _write_rejects(rp, rejects)
+            raise AudioError(f"{src}: all {len(todo)} clips were rejected (first: {rejects[n_listing][2]}); "
+                             f"see {rp}")
+        if rejects:
+            _write_rejects(rp, rejects)
+        elif rp.exists():
+            rp.unlink()
     return {"store": str(store_path), "listed": len(items), "added": added, "frames_added": frames_added,
-            "skipped_existing": sum(1 for it in items if it.id in done),
-            "rejected": len(rejects), "rejects_file": str(rp) if rejects else None,
+            "skipped_existing": skipped, "rejected": len(rejects), "rejects_file": str(rp) if rejects else None,
             "audio_seconds": audio_s, "wall_seconds": wall, "n_frames": store.n_frames,
             "n_utterances": store.n_utterances}
 

@@ -204,7 +204,7 @@ INDEX_STR = ("ids", "transcripts", "speakers", "paths")
 DIMENSION_NAMES = {"frames": ("frame", "coef"), "offsets": ("boundary",), "ids": ("utterance",),
                    "transcripts": ("utterance",), "speakers": ("utterance",), "paths": ("utterance",),
                    "durations": ("utterance",)}
-INDEX_CHUNK = 65536
+INDEX_CHUNK = 4096  # index rows per chunk: an append rewrites its last chunk, so keep them small
 CRASH_ENV = "STREAMQ_CRASH_AT"  # fault injection for the kill tests: "POINT[:N]" exits at the N-th POINT
 CRASH_EXIT = 86
 _crash_counts: dict[str, int] = {}
