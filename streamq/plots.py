@@ -140,11 +140,14 @@ def animation_format(out_path) -> str:
     return fmt
 
 
-def _save_animation(fig, draw, n_frames, out_path, fps, dpi):
+def _save_animation(fig, draw, n_frames, out_path, fps, dpi, dynamic=()):
     """Call ``draw(i)`` for i in range(n_frames), grabbing each state of ``fig`` as one frame of ``out_path``.
 
-    GIF through matplotlib's PillowWriter; MP4 through FFMpegWriter, which needs ``ffmpeg`` on the PATH
-    (RuntimeError otherwise). Written to a temporary name, then renamed. Returns ``str(out_path)``.
+    GIF through pillow: with ``dynamic`` (the artists ``draw`` changes, none of which moves an axis) the static
+    rest is rendered once and each frame redraws only those artists (blitting, several times faster);
+    otherwise every frame is a full redraw (matplotlib's PillowWriter). MP4 through FFMpegWriter, which needs
+    ``ffmpeg`` on the PATH (RuntimeError otherwise). Written to a temporary name, then renamed.
+    Returns ``str(out_path)``.
     """
     import os
     import shutil
@@ -156,26 +159,53 @@ def _save_animation(fig, draw, n_frames, out_path, fps, dpi):
     out_path = Path(out_path)
     fmt = animation_format(out_path)
     if not fps > 0:
+        plt.close(fig)
         raise ValueError(f"fps must be > 0, got {fps}")
-    if fmt == "mp4":
-        if shutil.which("ffmpeg") is None:
-            plt.close(fig)
-            raise RuntimeError("MP4 needs ffmpeg on the PATH; install ffmpeg or write a .gif")
-        writer = animation.FFMpegWriter(fps=fps, codec="libx264", extra_args=["-pix_fmt", "yuv420p"])
-    else:
-        writer = animation.PillowWriter(fps=fps)
     tmp = out_path.with_name(f".{out_path.stem}.tmp{out_path.suffix}")
     try:
-        with writer.saving(fig, str(tmp), dpi):
-            for i in range(n_frames):
-                draw(i)
-                writer.grab_frame()
+        if fmt == "mp4":
+            if shutil.which("ffmpeg") is None:
+                raise RuntimeError("MP4 needs ffmpeg on the PATH; install ffmpeg or write a .gif")
+            writer = animation.FFMpegWriter(fps=fps, codec="libx264", extra_args=["-pix_fmt", "yuv420p"])
+        elif dynamic:
+            _save_gif_blit(fig, draw, n_frames, tmp, fps, dpi, dynamic)
+            writer = None
+        else:
+            writer = animation.PillowWriter(fps=fps)
+        if writer is not None:
+            with writer.saving(fig, str(tmp), dpi):
+                for i in range(n_frames):
+                    draw(i)
+                    writer.grab_frame()
         os.replace(tmp, out_path)
     finally:
         plt.close(fig)
         if tmp.exists():
             tmp.unlink()
     return str(out_path)
+
+
+def _save_gif_blit(fig, draw, n_frames, path, fps, dpi, dynamic):
+    """A GIF by blitting: background once, then per frame only the ``dynamic`` artists (palette frames)."""
+    from PIL import Image
+
+    fig.set_dpi(dpi)
+    canvas = fig.canvas
+    for a in dynamic:
+        a.set_animated(True)
+    draw(0)
+    canvas.draw()  # everything but the animated artists
+    background = canvas.copy_from_bbox(fig.bbox)
+    frames = []
+    for i in range(n_frames):
+        draw(i)
+        canvas.restore_region(background)
+        for a in dynamic:
+            (a.axes if a.axes is not None else fig).draw_artist(a)
+        w, h = canvas.get_width_height()
+        im = Image.frombuffer("RGBA", (w, h), canvas.buffer_rgba(), "raw", "RGBA", 0, 1).convert("RGB")
+        frames.append(im.quantize(colors=255, method=Image.Quantize.MEDIANCUT))
+    frames[0].save(path, format="GIF", save_all=True, append_images=frames[1:], duration=int(1000 / fps), loop=0)
 
 
 def _read_csv(path) -> list[dict]:
@@ -538,6 +568,7 @@ def mfcc_figure(stages, config, max_frames=120, title=""):
         img.set_data(grow)
         sup.set_text(f"{title}  frame {j + 1} / {T} ({starts[j] / sr:.2f} s)".strip())
 
+    draw.dynamic = [win, l_frame, l_pow, *bars, l_log, l_dct, l_vec, img, sup]
     return fig, draw, idx, img
 
 
@@ -558,7 +589,7 @@ def animate_mfcc(audio_path, out_path, config=None, fps=10.0, max_frames=120, dp
     animation_format(out_path)
     st = mfcc_stages(decode(audio_path, config.sample_rate), config)
     fig, draw, idx, _ = mfcc_figure(st, config, max_frames=max_frames, title=Path(audio_path).name)
-    return _save_animation(fig, draw, len(idx), out_path, fps, dpi)
+    return _save_animation(fig, draw, len(idx), out_path, fps, dpi, dynamic=draw.dynamic)
 
 
 # ------------------------------------------------------------------ the DFT basis (the seed's picture)
@@ -728,6 +759,7 @@ def alignment_figure(trace, title=""):
         l_ll.set_data(it[:i + 1], ll[:i + 1])
         sup.set_text(f"{title}  EM iteration {i + 1} / {n_iter}, log-likelihood {ll[i]:.3f} per frame".strip())
 
+    draw.dynamic = [img, l_path, l_ll, sup]
     return fig, draw, n_iter
 
 
@@ -737,4 +769,4 @@ def animate_alignment(align_dir, utt_id, out_path, fps=3.0, dpi=72) -> str:
     animation_format(out_path)
     tr = load_trace(trace_path(align_dir, utt_id))
     fig, draw, n = alignment_figure(tr, title=f"{utt_id}: {' '.join(str(w) for w in tr['words'])}")
-    return _save_animation(fig, draw, n, out_path, fps, dpi)
+    return _save_animation(fig, draw, n, out_path, fps, dpi, dynamic=draw.dynamic)
