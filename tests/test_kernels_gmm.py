@@ -1,39 +1,12 @@
-"""streamq.kernels.gmm against plain NumPy references (written here), on hand-made, random and edge cases."""
+"""streamq.kernels.gmm against tests/naive.py, on hand-made, random, edge and numerically hostile cases."""
 
 import numpy as np
 import pytest
 
+import naive
 from streamq.kernels import gmm as k
 
 PRUNE = 50.0
-
-
-# ------------------------------------------------------------------ references
-def ref_component_loglik(X, w, mu, var):
-    """log w_k N(x_t | mu_k, diag var_k), float64 (N, K), by the direct (x - mu)^2 / var form."""
-    X = np.asarray(X, np.float64)
-    with np.errstate(divide="ignore"):
-        lw = np.log(w)
-    quad = (((X[:, None, :] - mu[None]) ** 2) / var[None]).sum(-1)
-    return lw[None] - 0.5 * np.log(2 * np.pi * var).sum(1)[None] - 0.5 * quad
-
-
-def ref_logsumexp(L):
-    m = L.max(1, keepdims=True)
-    return (m + np.log(np.exp(L - m).sum(1, keepdims=True)))[:, 0]
-
-
-def ref_stats(X, w, mu, var, shift, gselect=0):
-    L = ref_component_loglik(X, w, mu, var)
-    if 0 < gselect < L.shape[1]:
-        keep = np.argsort(-L, axis=1, kind="stable")[:, :gselect]
-        mask = np.full(L.shape, -np.inf)
-        np.put_along_axis(mask, keep, 0.0, axis=1)
-        L = L + mask
-    lse = ref_logsumexp(L)
-    G = np.exp(L - lse[:, None])
-    Xc = np.asarray(X, np.float64) - shift
-    return lse.sum(), G.sum(0), G.T @ Xc, G.T @ Xc ** 2, G, lse
 
 
 def model(rng, K, D, spread=3.0):
@@ -83,7 +56,7 @@ def test_stats_match_reference(dtype, rtol, K, N, tile, chunks):
     X = (rng.normal(size=(N, D)) * 3).astype(np.float32)
     shift, const, W = prep(w, mu, var, dtype)
     tot, n, f, s = k.diag_gmm_stats(X, shift, const, W, chunks, tile, PRUNE, 0)
-    rt, rn, rf, rs, G, lse = ref_stats(X, w, mu, var, shift)
+    rt, rn, rf, rs, G, lse = naive.gmm_stats(X, w, mu, var, shift)
     np.testing.assert_allclose(tot, rt, rtol=rtol)
     np.testing.assert_allclose(n, rn, rtol=rtol * 10, atol=1e-9 * N)
     np.testing.assert_allclose(f, rf, rtol=rtol * 10, atol=1e-8 * N)
@@ -115,7 +88,7 @@ def test_gselect_matches_top_n_reference(gselect):
     X = rng.normal(size=(150, 3)).astype(np.float32)
     shift, const, W = prep(w, mu, var)
     tot, n, f, s = k.diag_gmm_stats(X, shift, const, W, 2, 16, PRUNE, gselect)
-    rt, rn, rf, rs, G, lse = ref_stats(X, w, mu, var, shift, gselect)
+    rt, rn, rf, rs, G, lse = naive.gmm_stats(X, w, mu, var, shift, gselect)
     np.testing.assert_allclose(tot, rt, rtol=1e-11)
     np.testing.assert_allclose(n, rn, rtol=1e-9, atol=1e-10)
     np.testing.assert_allclose(f, rf, rtol=1e-9, atol=1e-9)
@@ -152,8 +125,8 @@ def test_far_frames_finite_and_posteriors_go_to_nearest():
         tot, n, f, s = k.diag_gmm_stats(X, shift, const, W, 2, 8, PRUNE, 0)
         assert np.isfinite(ll).all() and np.isfinite(post).all() and np.isfinite(tot)
         assert np.isfinite(n).all() and np.isfinite(f).all() and np.isfinite(s).all()
-        ref = ref_component_loglik(X, w, mu, var)
-        np.testing.assert_allclose(ll, ref_logsumexp(ref), rtol=1e-6)
+        ref = naive.component_loglik(X, w, mu, var)
+        np.testing.assert_allclose(ll, naive.logsumexp(ref), rtol=1e-6)
         np.testing.assert_allclose(post.sum(1), 1.0)
         assert (post.argmax(1) == ref.argmax(1)).all()
 
@@ -168,7 +141,7 @@ def test_zero_weight_component_gets_nothing():
     tot, n, f, s = k.diag_gmm_stats(X, shift, const, W, 2, 8, PRUNE, 0)
     assert n[2] == 0.0 and (f[2] == 0).all() and (s[2] == 0).all()
     assert np.isfinite(tot)
-    np.testing.assert_allclose(tot, ref_stats(X, w, mu, var, shift)[0], rtol=1e-12)
+    np.testing.assert_allclose(tot, naive.gmm_stats(X, w, mu, var, shift)[0], rtol=1e-12)
 
 
 def test_duplicate_frames_and_zero_variance_dimension_data():
@@ -191,7 +164,7 @@ def test_single_frame_and_empty_batch():
     shift, const, W = prep(w, mu, var)
     X1 = rng.normal(size=(1, 2)).astype(np.float32)
     tot, n, f, s = k.diag_gmm_stats(X1, shift, const, W, 4, 8, PRUNE, 0)
-    np.testing.assert_allclose(tot, ref_stats(X1, w, mu, var, shift)[0], rtol=1e-12)
+    np.testing.assert_allclose(tot, naive.gmm_stats(X1, w, mu, var, shift)[0], rtol=1e-12)
     X0 = np.zeros((0, 2), np.float32)
     tot, n, f, s = k.diag_gmm_stats(X0, shift, const, W, 4, 8, PRUNE, 0)
     assert tot == 0.0 and n.sum() == 0.0
@@ -217,24 +190,110 @@ def test_max8_matches_numpy():
     assert k._max8(x32, x32) == (2 * x32).max()
 
 
-def test_cluster_stats_after_assign():
-    from streamq.kernels.assign import assign
+def test_precompute_matches_naive_and_refuses_bad_parameters():
+    rng = np.random.default_rng(11)
+    w, mu, var = model(rng, 6, 4)
+    w[3] = 0.0
+    shift = w @ mu
+    const, W = k.gmm_precompute(w, mu, var, shift)
+    rc, rW = naive.gmm_precompute(w, mu, var, shift)
+    np.testing.assert_allclose(const, rc, rtol=1e-13)
+    np.testing.assert_allclose(W, rW, rtol=1e-13)
+    bad_mu = mu.copy()
+    bad_mu[2, 1] = np.nan
+    with pytest.raises(ValueError, match="GMM means hold NaN or inf"):
+        k.gmm_precompute(w, bad_mu, var, shift)
+    with pytest.raises(ValueError, match="variances must be > 0"):
+        k.gmm_precompute(w, mu, -var, shift)
+    with pytest.raises(ValueError, match="GMM shift"):
+        k.gmm_precompute(w, mu, var, shift + np.inf)
+    with pytest.raises(ValueError, match="at least one > 0"):
+        k.gmm_precompute(np.zeros(6), mu, var, shift)
 
-    rng = np.random.default_rng(10)
-    X = rng.normal(size=(400, 3)).astype(np.float32)
-    C = rng.normal(size=(9, 3)).astype(np.float32)
-    labels, d2 = assign(X, C)
-    D2 = ((X[:, None, :].astype(np.float64) - C[None]) ** 2).sum(-1)
-    assert (labels == D2.argmin(1)).all()
-    scale = (X.astype(np.float64) ** 2).sum(1).max() + (C.astype(np.float64) ** 2).sum(1).max()
-    np.testing.assert_allclose(d2, D2.min(1), rtol=1e-5, atol=1e-6 * scale)  # fused float32 expansion
-    shift = np.array([0.5, -0.5, 1.0])
-    K = 11  # two clusters never used
-    n, f, s = k.cluster_stats(X, labels, K, shift, 3)
-    Xc = X.astype(np.float64) - shift
-    for j in range(K):
-        sel = labels == j
-        assert n[j] == sel.sum()
-        np.testing.assert_allclose(f[j], Xc[sel].sum(0), atol=1e-10)
-        np.testing.assert_allclose(s[j], (Xc[sel] ** 2).sum(0), atol=1e-10)
-    assert n[9] == 0 and n[10] == 0
+
+def test_gselect_ties_keep_lowest_index():
+    # four identical components (exact ties) and one far one: top-2 must be components 0 and 1
+    mu = np.array([[0.0, 0.0]] * 4 + [[5.0, 5.0]])
+    var = np.ones((5, 2))
+    w = np.full(5, 0.2)
+    X = np.random.default_rng(2).normal(size=(30, 2)).astype(np.float32)
+    shift, const, W = prep(w, mu, var)
+    _, post = k.diag_gmm_posteriors(X, shift, const, W, 2, 8, PRUNE, 2)
+    assert (post[:, 2:] == 0).all() and (post[:, :2] > 0).all()
+    L = naive.component_loglik(X, w, mu, var)
+    assert (naive.gselect_top_n(L, 2)[:, :2]).all()
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+def test_non_finite_frames_and_parameters_refused(bad):
+    rng = np.random.default_rng(12)
+    w, mu, var = model(rng, 5, 3)
+    X = rng.normal(size=(40, 3)).astype(np.float32)
+    shift, const, W = prep(w, mu, var, np.float32)
+    Xb = X.copy()
+    Xb[17, 1] = bad
+    for f in (k.diag_gmm_stats, k.diag_gmm_loglik, k.diag_gmm_posteriors):
+        with pytest.raises(ValueError, match="X row 17 holds NaN or inf"):
+            f(Xb, shift, const, W, 2, 8, PRUNE, 0)
+    Wb = W.copy()
+    Wb[0, 2] = bad
+    with pytest.raises(ValueError, match="W hold NaN or inf"):
+        k.diag_gmm_stats(X, shift, const, Wb, 2, 8, PRUNE, 0)
+    cb = const.copy()
+    cb[1] = np.nan
+    with pytest.raises(ValueError, match="constants"):
+        k.diag_gmm_loglik(X, shift, cb, W, 2, 8, PRUNE, 0)
+    with pytest.raises(ValueError, match="constants"):
+        k.diag_gmm_loglik(X, shift, np.full_like(const, -np.inf), W, 2, 8, PRUNE, 0)
+    with pytest.raises(ValueError, match="shift"):
+        k.diag_gmm_loglik(X, shift * bad, const, W, 2, 8, PRUNE, 0)
+
+
+@pytest.mark.parametrize("mag", [1e19, 1e30, 3e38])
+def test_huge_frames_finite_never_system_error(mag):
+    """|x| 1e19 .. float32 max: the float32 GEMM would overflow; the wrapper computes in float64 instead."""
+    rng = np.random.default_rng(13)
+    w, mu, var = model(rng, 4, 3)
+    X = np.array([[mag, 0, 0], [0, -mag, 0], [1.0, 2.0, 3.0]], np.float32)
+    for dtype in (np.float32, np.float64):
+        shift, const, W = prep(w, mu, var, dtype)
+        ll, post = k.diag_gmm_posteriors(X, shift, const, W, 2, 8, PRUNE, 0)
+        tot, n, f, s = k.diag_gmm_stats(X, shift, const, W, 2, 8, PRUNE, 0)
+        ref = naive.component_loglik(X, w, mu, var)
+        assert np.isfinite(ll).all() and np.isfinite(post).all() and np.isfinite(tot)
+        assert np.isfinite(n).all() and np.isfinite(f).all() and np.isfinite(s).all()
+        np.testing.assert_allclose(ll, naive.logsumexp(ref), rtol=1e-6)
+        assert (post.argmax(1) == ref.argmax(1)).all()
+    # a model so far out that even float64 cannot hold the quadratic form: refused, one line
+    Xd = np.array([[1e200, 0, 0]])
+    shift, const, W = prep(w, mu, var)
+    with pytest.raises(ValueError, match="rescale the features"):
+        k.diag_gmm_loglik(Xd, shift, const, W, 2, 8, PRUNE, 0)
+
+
+def gmm_case(offset, scale, seed=0, N=3000, K=16, D=13):
+    """A GMM and its frames, offset by ``offset`` and scaled by ``scale`` (frames float32)."""
+    rng = np.random.default_rng(seed)
+    w = rng.dirichlet(np.ones(K) * 5)
+    mu0 = rng.normal(size=(K, D)) * 3
+    var0 = rng.uniform(0.3, 2.0, size=(K, D))
+    z = rng.choice(K, N, p=w)
+    X = (offset + scale * (mu0[z] + rng.normal(size=(N, D)) * np.sqrt(var0[z]))).astype(np.float32)
+    return X, w, offset + scale * mu0, var0 * scale ** 2
+
+
+@pytest.mark.parametrize("offset", [0.0, 1e3, 1e4])
+@pytest.mark.parametrize("scale", [1e-3, 1e-1, 1.0, 1e1, 1e3])
+def test_loglik_offset_scale_table(offset, scale):
+    """With the contract's shift (the mixture mean), float32 W agrees with the float64 direct form."""
+    X, w, mu, var = gmm_case(offset, scale)
+    shift, const, W = prep(w, mu, var, np.float32)
+    ll, post = k.diag_gmm_posteriors(X, shift, const, W, 2, 64, PRUNE, 0)
+    ref = naive.component_loglik(X, w, mu, var)
+    rll = naive.logsumexp(ref)
+    np.testing.assert_allclose(ll, rll, rtol=0, atol=1e-4 * (1 + np.abs(rll).max()))
+    assert (post.argmax(1) == ref.argmax(1)).mean() >= 0.999
+    tot, n, f, s = k.diag_gmm_stats(X, shift, const, W, 2, 64, PRUNE, 0)
+    rt, rn, rf, rs, _, _ = naive.gmm_stats(X, w, mu, var, shift)
+    assert abs(tot - rt) <= 1e-5 * abs(rt) + 1e-4 * len(X)
+    np.testing.assert_allclose(n, rn, rtol=1e-4, atol=1e-3)

@@ -16,7 +16,22 @@ they hold less than K * exp(-log_prune) of the frame's likelihood (DiagGMM uses 
 Gaussian selection (Kaldi ``gselect``): only each frame's ``gselect`` best components get a
 posterior (renormalised over them).
 
-No fastmath: log-domain values may legitimately be -inf (a zero-weight component).
+No fastmath: log-domain values may legitimately be -inf (a zero-weight component). The kernels use
+Numba's ``error_model="numpy"`` so a division by zero inside a ``prange`` can never surface as a Numba
+``SystemError``; the public wrappers refuse bad input before that can happen.
+
+Contract of the public functions
+--------------------------------
+1. ``shift`` is chosen by the caller, once per parameter set, and must be *near the data*: DiagGMM uses
+   the mixture mean ``weights @ means``. The same ``shift`` goes to :func:`gmm_precompute` and to the
+   E-step functions; first- and second-order statistics come back about it (``f = sum gamma (x - shift)``).
+   Centring is what keeps the float32 GEMM exact on uncentred data (offset 1e4): its error is ~1e-7
+   relative to ``(x - shift)^2 / var``, so a far ``shift`` (e.g. 0 for data at 1e4) loses precision.
+2. Inputs and parameters must be finite (``const`` may hold -inf for zero-weight components, not all of
+   them); anything else raises a one-line ``ValueError`` naming the offending array and row.
+3. Frames so far from ``shift`` that the float32 quadratic form could overflow (|x - shift| beyond
+   ~1e17) are computed with a float64 ``W`` instead (same results, slower); beyond float64's range
+   (~1e150) they are refused.
 """
 
 from __future__ import annotations
@@ -24,9 +39,11 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
+__all__ = ["gmm_precompute", "diag_gmm_stats", "diag_gmm_loglik", "diag_gmm_posteriors"]
 
-@njit(cache=True)
-def gmm_precompute(weights, means, variances, shift):
+
+@njit(cache=True, error_model="numpy")
+def _precompute_kernel(weights, means, variances, shift):
     """Per-component constants of the dot-product form.
 
     Parameters
@@ -57,7 +74,7 @@ def gmm_precompute(weights, means, variances, shift):
     return const, W
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def _tile_loglik(X, a, b, shift, W, ll, z):
     """ll[:b-a] = z @ W for frames X[a:b] (the quadratic forms without const; BLAS gemm in W's dtype).
 
@@ -76,7 +93,7 @@ def _tile_loglik(X, a, b, shift, W, ll, z):
     np.dot(z, W, ll)
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def _exp_nonpos(x, out, scratch, n):
     """out[:n] = exp(x[:n]) for x in [-708, 0], a loop LLVM vectorises (no SVML needed).
 
@@ -124,7 +141,7 @@ def _max8(c, x):
     return m
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def _frame_posteriors(lli, const, constw, log_prune, gselect, idx, val, scratch, heap_v, heap_i):
     """Sparse posteriors of one frame.
 
@@ -133,7 +150,8 @@ def _frame_posteriors(lli, const, constw, log_prune, gselect, idx, val, scratch,
     reference maximum and the pruning test only (a float32 reference point is as good as the exact one).
     idx : int64 (K,) OUT, val : float64 (K,) OUT: the kept components and their posteriors in [:n].
     scratch : float64 (K,), heap_v : float64 (>= gselect,), heap_i : int64 (>= gselect,) scratch.
-    log_prune : float in (0, 700]. gselect : int, 0 = all components.
+    log_prune : float in (0, 700]. gselect : int, 0 = all components; otherwise the gselect best are kept
+    (tie rule: the lowest component index).
     Returns (n, log p(x)).
     """
     K = lli.shape[0]
@@ -158,7 +176,7 @@ def _frame_posteriors(lli, const, constw, log_prune, gselect, idx, val, scratch,
             heap_i[j] = idx[j]
         for p0 in range(n // 2 - 1, -1, -1):  # heapify
             _sift_down(heap_v, heap_i, p0, n)
-        for j in range(n, cnt):
+        for j in range(n, cnt):  # candidates come in increasing index: an equal value never displaces
             if val[j] > heap_v[0]:
                 heap_v[0] = val[j]
                 heap_i[0] = idx[j]
@@ -178,14 +196,21 @@ def _frame_posteriors(lli, const, constw, log_prune, gselect, idx, val, scratch,
 
 
 @njit(cache=True)
+def _heap_less(hv, hi, a, b):
+    """Heap order of the gselect min-heap: lower value first; on equal values the *higher* index is
+    'smaller' (evicted first), so the kept top-n breaks ties towards the lowest component index."""
+    return hv[a] < hv[b] or (hv[a] == hv[b] and hi[a] > hi[b])
+
+
+@njit(cache=True)
 def _sift_down(hv, hi, p, n):
     while True:
         c = 2 * p + 1
         if c >= n:
             return
-        if c + 1 < n and hv[c + 1] < hv[c]:
+        if c + 1 < n and _heap_less(hv, hi, c + 1, c):
             c += 1
-        if hv[c] < hv[p]:
+        if _heap_less(hv, hi, c, p):
             tv = hv[c]
             ti = hi[c]
             hv[c] = hv[p]
@@ -197,8 +222,8 @@ def _sift_down(hv, hi, p, n):
             return
 
 
-@njit(cache=True, parallel=True)
-def diag_gmm_stats(X, shift, const, W, n_chunks, tile, log_prune, gselect):
+@njit(cache=True, parallel=True, error_model="numpy")
+def _stats_kernel(X, shift, const, W, n_chunks, tile, log_prune, gselect):
     """Fused E-step over a batch: log-likelihood total and sufficient statistics.
 
     Parameters
@@ -274,7 +299,7 @@ def diag_gmm_stats(X, shift, const, W, n_chunks, tile, log_prune, gselect):
     return total, n, f, s
 
 
-@njit(cache=True, parallel=True)
+@njit(cache=True, parallel=True, error_model="numpy")
 def _loglik_or_posteriors(X, shift, const, W, n_chunks, tile, log_prune, gselect, dense):
     N, D = X.shape
     K = const.shape[0]
@@ -307,70 +332,143 @@ def _loglik_or_posteriors(X, shift, const, W, n_chunks, tile, log_prune, gselect
     return out, post
 
 
-@njit(cache=True)
+# --------------------------------------------------------------------------- public wrappers (validate, then call)
+
+_F32_SAFE = 1e36  # bound on |z . W| and |const| below which the float32 GEMM cannot overflow
+_F64_SAFE = 1e300
+
+
+def gmm_precompute(weights, means, variances, shift):
+    """Per-component constants of the dot-product form (validated wrapper of the kernel).
+
+    Parameters
+    ----------
+    weights : float (K,). Mixture weights, finite and >= 0 (zeros allowed: that component's const is -inf).
+    means : float (K, D), finite. variances : float (K, D), finite and > 0.
+    shift : float (D,), finite. Centring offset near the data (DiagGMM: ``weights @ means``); see the
+        module docstring for the contract.
+
+    Returns
+    -------
+    const : float64 (K,). W : float64 (2D, K), rows 0..D-1: ``(mu - shift) / s2``; rows D..2D-1: ``-1/(2 s2)``.
+    """
+    w = np.ascontiguousarray(weights, np.float64)
+    m = np.ascontiguousarray(means, np.float64)
+    v = np.ascontiguousarray(variances, np.float64)
+    sh = np.ascontiguousarray(shift, np.float64)
+    if m.ndim != 2 or w.shape != (m.shape[0],) or v.shape != m.shape or sh.shape != (m.shape[1],):
+        raise ValueError(f"expected weights (K,), means and variances (K, D), shift (D,); got {w.shape}, "
+                         f"{m.shape}, {v.shape}, {sh.shape}")
+    for name, a in (("weights", w), ("means", m), ("variances", v), ("shift", sh)):
+        if not np.isfinite(a).all():
+            raise ValueError(f"GMM {name} hold NaN or inf (first at flat index {int(np.flatnonzero(~np.isfinite(a))[0])})")
+    if (v <= 0).any() or (w < 0).any() or not (w > 0).any():
+        raise ValueError("GMM variances must be > 0 and weights >= 0 with at least one > 0")
+    const, W = _precompute_kernel(w, m, v, sh)
+    if np.isnan(const).any() or not np.isfinite(W).all():
+        raise ValueError("GMM constants overflow float64 (means too far from shift or variances too small)")
+    return const, W
+
+
+def _checked(X, shift, const, W):
+    """Validate one E-step call; returns contiguous arrays, with W upcast to float64 where float32 could overflow."""
+    X = np.asarray(X)
+    W = np.asarray(W)
+    if X.dtype not in (np.float32, np.float64) or W.dtype not in (np.float32, np.float64):
+        raise TypeError(f"expected float32/float64 X and W, got {X.dtype} and {W.dtype}")
+    X = np.ascontiguousarray(X)
+    W = np.ascontiguousarray(W)
+    sh = np.ascontiguousarray(shift, np.float64)
+    const = np.ascontiguousarray(const, np.float64)
+    D, K = sh.shape[0], const.shape[0]
+    if X.ndim != 2 or X.shape[1] != D or W.shape != (2 * D, K) or sh.ndim != 1 or const.ndim != 1:
+        raise ValueError(f"expected X (N, {D}), shift ({D},), const (K,), W ({2 * D}, K); got {X.shape}, "
+                         f"{sh.shape}, {const.shape}, {W.shape}")
+    if not np.isfinite(sh).all():
+        raise ValueError("GMM shift holds NaN or inf")
+    if not np.isfinite(W).all():
+        raise ValueError("GMM parameters W hold NaN or inf (NaN means or non-positive variances?)")
+    if np.isnan(const).any() or (const == np.inf).any() or not (const > -np.inf).any():
+        raise ValueError("GMM constants must be finite or -inf (zero weight), and not all -inf")
+    if X.shape[0] == 0:
+        return X, sh, const, W
+    if not np.isfinite(np.add.reduce(X, axis=None, dtype=np.float64)) and not np.isfinite(X).all():
+        i = int(np.flatnonzero(~np.isfinite(X).all(axis=1))[0])
+        raise ValueError(f"X row {i} holds NaN or inf; remove or repair non-finite frames")
+    amax = max(float(X.max()) - float(sh.min()), float(sh.max()) - float(X.min()), 1.0)
+    mag = 2.0 * D * (amax * amax + amax) * float(np.abs(W).max())
+    cmax = float(np.abs(const[const > -np.inf]).max())
+    if not (mag < _F64_SAFE and cmax < _F64_SAFE):
+        raise ValueError(f"X: frames up to {amax:.3g} from the GMM shift overflow the quadratic form even in "
+                         "float64; rescale the features")
+    if W.dtype == np.float32 and not (mag < _F32_SAFE and cmax < _F32_SAFE):
+        W = W.astype(np.float64)  # safe scale: same values, float64 GEMM
+    return X, sh, const, W
+
+
+def _check_prune(log_prune, gselect):
+    lp = float(log_prune)
+    if not 0.0 < lp <= 700.0:
+        raise ValueError(f"log_prune must lie in (0, 700], got {log_prune}")
+    return lp, int(gselect)
+
+
+def diag_gmm_stats(X, shift, const, W, n_chunks, tile, log_prune, gselect):
+    """Fused E-step over a batch: log-likelihood total and sufficient statistics.
+
+    Parameters
+    ----------
+    X : float32 or float64 (N, D). Frames, finite.
+    shift : float64 (D,). Centring offset (the same one given to :func:`gmm_precompute`).
+    const : float64 (K,). W : float32 or float64 (2D, K). From :func:`gmm_precompute`; W optionally cast
+        to float32: the quadratic forms are then a float32 GEMM (about 2x faster; per-frame error ~1e-7
+        relative to ``(x - shift)^2 / var``). Upcast to float64 automatically where float32 could overflow.
+    n_chunks : int. Frames are split in this many contiguous chunks, one per-thread buffer each.
+    tile : int. Frames per tile (the tile x K log-likelihood scratch is the only K-wide buffer).
+    log_prune : float in (0, 700]. Components more than this many nats below a frame's best are skipped.
+    gselect : int. If 0 < gselect < K, only each frame's ``gselect`` best components get a posterior
+        (ties: the component met first, i.e. the lower index, is kept).
+
+    Returns
+    -------
+    total : float. Sum over frames of log p(x) (over the selected components when gselect).
+    n : float64 (K,). Occupancies sum_t gamma_tk.
+    f : float64 (K, D). sum_t gamma_tk (x_t - shift).
+    s : float64 (K, D). sum_t gamma_tk (x_t - shift)^2.
+
+    Raises ValueError (one line) for non-finite frames or parameters (see the module docstring).
+    """
+    X, sh, const, W = _checked(X, shift, const, W)
+    lp, g = _check_prune(log_prune, gselect)
+    total, n, f, s = _stats_kernel(X, sh, const, W, max(1, int(n_chunks)), max(1, int(tile)), lp, g)
+    if not np.isfinite(total):
+        raise ValueError("E-step log-likelihood is not finite (frames beyond every component's reach)")
+    return total, n, f, s
+
+
 def diag_gmm_loglik(X, shift, const, W, n_chunks, tile, log_prune, gselect):
     """Per-frame log-likelihood log p(x_t) = logsumexp_k (const_k + z_t . W[:, k]).
 
-    Parameters
-    ----------
-    X : float32 or float64 (N, D) IN.
-    shift, const, W, n_chunks, tile, log_prune, gselect : as for :func:`diag_gmm_stats`.
-
-    Returns
-    -------
-    out : float64 (N,) OUT.
+    Parameters as for :func:`diag_gmm_stats`. Returns out : float64 (N,).
     """
-    return _loglik_or_posteriors(X, shift, const, W, n_chunks, tile, log_prune, gselect, False)[0]
+    X, sh, const, W = _checked(X, shift, const, W)
+    lp, g = _check_prune(log_prune, gselect)
+    out = _loglik_or_posteriors(X, sh, const, W, max(1, int(n_chunks)), max(1, int(tile)), lp, g, False)[0]
+    if out.size and not np.isfinite(out.sum()):
+        raise ValueError("per-frame log-likelihood is not finite (frames beyond every component's reach)")
+    return out
 
 
-@njit(cache=True)
 def diag_gmm_posteriors(X, shift, const, W, n_chunks, tile, log_prune, gselect):
-    """Dense posteriors for small N (predict_proba). Arguments as for :func:`diag_gmm_loglik`.
+    """Dense posteriors for small N (predict_proba). Arguments as for :func:`diag_gmm_stats`.
 
     Returns
     -------
-    loglik : float64 (N,) OUT. post : float64 (N, K) OUT, rows sum to 1 (zeros where pruned / not selected).
+    loglik : float64 (N,). post : float64 (N, K), rows sum to 1 (zeros where pruned / not selected).
     """
-    return _loglik_or_posteriors(X, shift, const, W, n_chunks, tile, log_prune, gselect, True)
-
-
-@njit(cache=True, parallel=True)
-def cluster_stats(X, labels, K, shift, n_chunks):
-    """Hard-assignment statistics: per-cluster counts, sums and sums of squares of x - shift.
-
-    Parameters
-    ----------
-    X : float32 (N, D) IN.
-    labels : int64 (N,) IN, values in [0, K).
-    K : int.
-    shift : float64 (D,) IN.
-    n_chunks : int. Number of per-thread buffers.
-
-    Returns
-    -------
-    n : float64 (K,) OUT. f : float64 (K, D) OUT. s : float64 (K, D) OUT.
-    """
-    N, D = X.shape
-    C = max(1, min(n_chunks, N))
-    tn = np.zeros((C, K), np.float64)
-    tf = np.zeros((C, K, D), np.float64)
-    ts = np.zeros((C, K, D), np.float64)
-    per = (N + C - 1) // C
-    for c in prange(C):
-        for t in range(c * per, min(N, (c + 1) * per)):
-            k = labels[t]
-            tn[c, k] += 1.0
-            for d in range(D):
-                v = np.float64(X[t, d]) - shift[d]
-                tf[c, k, d] += v
-                ts[c, k, d] += v * v
-    n = np.zeros(K, np.float64)
-    f = np.zeros((K, D), np.float64)
-    s = np.zeros((K, D), np.float64)
-    for c in range(C):
-        for k in range(K):
-            n[k] += tn[c, k]
-            for d in range(D):
-                f[k, d] += tf[c, k, d]
-                s[k, d] += ts[c, k, d]
-    return n, f, s
+    X, sh, const, W = _checked(X, shift, const, W)
+    lp, g = _check_prune(log_prune, gselect)
+    out, post = _loglik_or_posteriors(X, sh, const, W, max(1, int(n_chunks)), max(1, int(tile)), lp, g, True)
+    if out.size and not np.isfinite(out.sum()):
+        raise ValueError("per-frame log-likelihood is not finite (frames beyond every component's reach)")
+    return out, post

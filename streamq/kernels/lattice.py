@@ -17,7 +17,8 @@ tied mixtures, their statistics) is in :mod:`streamq.kernels.tied`.
 All kernels are pure (arrays in, arrays out), compiled with ``cache=True`` and never read
 module globals. Log-domain code uses no fastmath at all (inputs may hold ``-inf``).
 Tie rule of :func:`viterbi`: on equal scores the predecessor with the smaller jump wins
-(stay before next before skip).
+(stay before next before skip); applied backwards from the last frame, among equal-scoring
+paths the one that reaches each state earliest is returned.
 """
 
 from __future__ import annotations
@@ -253,7 +254,7 @@ def viterbi(log_emit, state_unit, stay, nxt, skip):
 
     Returns
     -------
-    path : int64 (T,)   state of each frame (all -1 when there is no finite path).
+    path : int64 (T,)   state of each frame (all -1 when there is no finite path). Ties: see the module docstring.
     score : float       log-probability of the path (-inf when there is none).
     """
     T = log_emit.shape[0]

@@ -1,70 +1,11 @@
-"""Chain-HMM kernels against plain NumPy references, hmmlearn's lattice code and brute force."""
-
-import itertools
+"""Lattice kernels (forward-backward, Viterbi) against tests/naive.py, hmmlearn's lattice code and brute force."""
 
 import numpy as np
 import pytest
 
-from streamq.kernels.hmm import (diag_gauss_loglik, forward_backward, forward_backward_log, frame_normalise,
-                                 mixture_counts, mixture_likelihoods, nearest_stats, occupancy_by_unit, viterbi)
-
-
-# --------------------------------------------------------------------------- NumPy references
-def dense_logA(stay, nxt, skip):
-    S = len(stay)
-    A = np.zeros((S, S))
-    for s in range(S):
-        A[s, s] = stay[s]
-        if s + 1 < S:
-            A[s, s + 1] = nxt[s]
-        if s + 2 < S:
-            A[s, s + 2] = skip[s]
-    with np.errstate(divide="ignore"):
-        return np.log(A)
-
-
-def ref_forward_backward(log_emit, state_unit, stay, nxt, skip):
-    """Log-space forward-backward over the dense transition matrix; start in 0, end in S-1."""
-    from scipy.special import logsumexp
-
-    lb = log_emit[:, state_unit]
-    T, S = lb.shape
-    lA = dense_logA(stay, nxt, skip)
-    la = np.full((T, S), -np.inf)
-    la[0, 0] = lb[0, 0]
-    for t in range(1, T):
-        la[t] = logsumexp(la[t - 1][:, None] + lA, axis=0) + lb[t]
-    lbeta = np.full((T, S), -np.inf)
-    lbeta[T - 1, S - 1] = 0.0
-    for t in range(T - 2, -1, -1):
-        lbeta[t] = logsumexp(lA + (lb[t + 1] + lbeta[t + 1])[None, :], axis=1)
-    ll = la[T - 1, S - 1]
-    if not np.isfinite(ll):
-        return np.zeros((T, S)), -np.inf, np.zeros((S, 3))
-    gamma = np.exp(la + lbeta - ll)
-    xi = np.zeros((S, 3))
-    for t in range(T - 1):
-        x = np.exp(la[t][:, None] + lA + (lb[t + 1] + lbeta[t + 1])[None, :] - ll)
-        for s in range(S):
-            for j in range(3):
-                if s + j < S:
-                    xi[s, j] += x[s, s + j]
-    return gamma, ll, xi
-
-
-def brute_viterbi(log_emit, state_unit, stay, nxt, skip):
-    lb = log_emit[:, state_unit]
-    T, S = lb.shape
-    lA = dense_logA(stay, nxt, skip)
-    best, arg = -np.inf, None
-    for rest in itertools.product(range(S), repeat=T - 1):
-        path = (0,) + rest
-        if path[-1] != S - 1:
-            continue
-        sc = lb[0, 0] + sum(lA[path[t - 1], path[t]] + lb[t, path[t]] for t in range(1, T))
-        if sc > best:
-            best, arg = sc, path
-    return arg, best
+import naive
+from naive import dense_logA
+from streamq.kernels.lattice import forward_backward, forward_backward_log, viterbi
 
 
 def random_chain(rng, S, skips=True):
@@ -79,7 +20,7 @@ def random_chain(rng, S, skips=True):
 
 
 def check_fb(log_emit, su, stay, nxt, skip, tol=1e-8):
-    g_ref, ll_ref, xi_ref = ref_forward_backward(log_emit, su, stay, nxt, skip)
+    g_ref, ll_ref, xi_ref = naive.forward_backward(log_emit, su, stay, nxt, skip)
     g, ll, xi, _ = forward_backward(log_emit, su, stay, nxt, skip)
     g2, ll2, xi2 = forward_backward_log(log_emit, su, stay, nxt, skip)
     for gg, l, x in ((g, ll, xi), (g2, ll2, xi2)):
@@ -237,7 +178,7 @@ def test_viterbi_brute_force(seed):
     if seed == 0:
         stay[:] = 0.5  # ties broken either way must still give the best score
     path, score = viterbi(le, su, stay, nxt, skip)
-    bpath, bscore = brute_viterbi(le, su, stay, nxt, skip)
+    bpath, bscore = naive.viterbi(le, su, stay, nxt, skip)
     assert score == pytest.approx(bscore, rel=1e-12)
     lA = dense_logA(stay, nxt, skip)
     lb = le[:, su]
@@ -267,72 +208,25 @@ def test_seed_collapse_fixed_self_loop_vs_duration_init():
     assert dur.min() >= (T / S) / 4 and dur.max() <= (T / S) * 4
 
 
-# --------------------------------------------------------------------------- emissions and statistics
-def test_diag_gauss_loglik_and_normalise():
-    rng = np.random.default_rng(2)
-    T, K, D = 37, 6, 5
-    X = rng.normal(size=(T, D)).astype(np.float32)
-    mu = rng.normal(size=(K, D))
-    var = rng.uniform(0.1, 3, (K, D))
-    out = np.empty((T, K))
-    diag_gauss_loglik(X, mu, var, out)
-    Xd = X.astype(np.float64)
-    ref = -0.5 * (np.log(2 * np.pi * var).sum(1)[None] + (((Xd[:, None] - mu[None]) ** 2) / var[None]).sum(2))
-    np.testing.assert_allclose(out, ref, rtol=1e-12)
-    G = ref.copy()
-    G[0, :] = -1e4  # a frame far from everything: no underflow after the shift
-    shift = frame_normalise(G)
-    np.testing.assert_allclose(shift, np.r_[-1e4, ref[1:].max(1)])
-    np.testing.assert_allclose(G.max(1), 1.0)
-    np.testing.assert_allclose(np.log(G[1:]) + shift[1:, None], ref[1:], atol=1e-10)
+def test_sequence_of_length_one():
+    le = np.array([[-1.5, -0.2]])
+    g, ll, xi, used_log = forward_backward(le, np.array([0], np.int64), np.ones(1), np.zeros(1), np.zeros(1))
+    assert ll == -1.5 and g.tolist() == [[1.0]] and not xi.any()
+    path, score = viterbi(le, np.array([1], np.int64), np.ones(1), np.zeros(1), np.zeros(1))
+    assert path.tolist() == [0] and score == -0.2
+    # T = 1 with S = 2 states: the end state cannot be reached
+    g, ll, xi, _ = forward_backward(le, np.arange(2), np.full(2, 0.5), np.full(2, 0.5), np.zeros(2))
+    assert ll == -np.inf
+    assert viterbi(le, np.arange(2), np.full(2, 0.5), np.full(2, 0.5), np.zeros(2))[1] == -np.inf
 
 
-def test_occupancy_by_unit():
-    rng = np.random.default_rng(4)
-    g = rng.uniform(size=(9, 7))
-    su = np.array([0, 2, 2, 1, 0, 2, 3], np.int64)
-    occ = occupancy_by_unit(g, su, 5)
-    ref = np.zeros((9, 5))
-    for s, u in enumerate(su):
-        ref[:, u] += g[:, s]
-    np.testing.assert_allclose(occ, ref)
-    assert not occ[:, 4].any()
-
-
-def test_nearest_stats():
-    rng = np.random.default_rng(6)
-    X = rng.normal(size=(1001, 3)).astype(np.float32)
-    C = rng.normal(size=(5, 3)).astype(np.float32)
-    C[4] = 50.0  # an empty cluster
-    counts, sums, sq = nearest_stats(X, C)
-    a = ((X[:, None, :].astype(np.float64) - C[None]) ** 2).sum(2).argmin(1)
-    np.testing.assert_allclose(counts, np.bincount(a, minlength=5))
-    Xd = X.astype(np.float64)
-    for k in range(5):
-        np.testing.assert_allclose(sums[k], Xd[a == k].sum(0), atol=1e-9)
-        np.testing.assert_allclose(sq[k], (Xd[a == k] ** 2).sum(0), atol=1e-9)
-    assert counts[4] == 0
-
-
-def test_mixture_likelihoods_and_counts():
-    rng = np.random.default_rng(8)
-    T, K, U = 23, 9, 4
-    Gx = rng.uniform(size=(T, K))
-    Gx[3] = 0.0  # a frame no component explains (after the shift this cannot happen, but must not crash)
-    W = rng.dirichlet(np.ones(K), U)
-    W[2, :5] = 0.0
-    W[2] /= W[2].sum()
-    P = mixture_likelihoods(Gx, W)
-    np.testing.assert_allclose(P, Gx @ W.T, rtol=1e-12)
-    occ = rng.uniform(size=(T, U))
-    occ[:, 1] = 0.0  # a unit nobody occupies
-    occ[3] = 0.0
-    counts = mixture_counts(Gx, occ, P, W)
-    ref = np.zeros((U, K))
-    for t in range(T):
-        for u in range(U):
-            if occ[t, u] > 0:
-                ref[u] += occ[t, u] * W[u] * Gx[t] / (W[u] @ Gx[t])
-    np.testing.assert_allclose(counts, ref, rtol=1e-10, atol=1e-14)
-    np.testing.assert_allclose(counts.sum(1), occ.sum(0), rtol=1e-10)  # counts redistribute occupancy
-    assert not counts[1].any() and not counts[2, :5].any()
+def test_viterbi_tie_rule_prefers_smaller_jump():
+    # flat emissions, stay = next = 0.5: every path 0..S-1 of length T has the same score; the
+    # documented rule (predecessor via stay before next before skip, applied backwards from the last
+    # frame) gives the path that reaches the end state as early as possible
+    T, S = 5, 3
+    le = np.zeros((T, S))
+    path, score = viterbi(le, np.arange(S), np.full(S, 0.5), np.full(S, 0.5), np.zeros(S))
+    bpath, bscore = naive.viterbi(le, np.arange(S), np.full(S, 0.5), np.full(S, 0.5), np.zeros(S))
+    assert score == pytest.approx(bscore)
+    assert path.tolist() == [0, 1, 2, 2, 2]
