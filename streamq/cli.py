@@ -10,6 +10,8 @@ import json
 import logging
 import sys
 
+from .progress import cli_logging
+
 
 def _positive_int(s):
     v = int(s)
@@ -55,10 +57,11 @@ def cmd_info(a):
 
 
 def cmd_fit(a):
-    from .codebook import run_fit
+    from .pipelines import run_fit
 
-    s = run_fit(a.store, a.out, k=a.k, method=a.method, batch_size=a.batch_size, steps=a.steps, decay=a.decay,
-                eps=a.eps, seed=a.seed, resume=a.resume, repair=not a.no_repair, quiet=a.quiet)
+    s = run_fit(a.store, a.out, n_clusters=a.k, method=a.method, batch_size=a.batch_size, max_steps=a.steps,
+                decay=a.decay, eps=a.eps, seed=a.seed, resume=a.resume, repair=not a.no_repair,
+                verbose=int(not a.quiet))
     which = "held-out" if s["heldout"] else "training-sample"
     print(f"{a.out}: K={s['k']} {s['method']} codebook; {which} loss {s['loss']:.4f}, "
           f"entropy {s['entropy']:.3f} / log K {s['log_k']:.3f}, {s['dead']} dead, {s['repaired']} repaired, "
@@ -66,9 +69,9 @@ def cmd_fit(a):
 
 
 def cmd_compare(a):
-    from .codebook import run_compare
+    from .pipelines import run_compare
 
-    s = run_compare(a.store, a.out, k=a.k, batch_size=a.batch_size, seed=a.seed, quiet=a.quiet)
+    s = run_compare(a.store, a.out, n_clusters=a.k, batch_size=a.batch_size, seed=a.seed, verbose=int(not a.quiet))
     for m, r in s["methods"].items():
         print(f"{m:8s} loss {r['loss']:.4f}  entropy {r['entropy']:.3f}/{r['log_k']:.3f}  dead {r['dead']:4d}  "
               f"{r['wall_seconds']:.2f} s")
@@ -76,23 +79,31 @@ def cmd_compare(a):
 
 
 def cmd_gmm(a):
-    from .gmm import run_gmm
+    from .pipelines import run_gmm
 
     s = run_gmm(a.store, a.codebook_dir, a.out, iters=a.iters, resume=a.resume, gselect=a.gselect, seed=a.seed,
-                quiet=a.quiet)
+                verbose=int(not a.quiet))
     print(f"{s['out']}: {s['n_components']}-component diagonal GMM, {s['iterations']} EM iterations over "
           f"{s['frames']:,} frames; held-out log-likelihood {s['heldout_loglik']:.4f} per frame, "
           f"{s['reseeded']} re-seeded, {s['seconds']:.1f} s")
 
 
 def cmd_align(a):
-    from .align import run_align
+    from .pipelines import run_align
 
-    s = run_align(a.store, a.model, a.out, iters=a.iters, jobs=a.jobs, plots=a.plot, seed=a.seed, quiet=a.quiet,
+    s = run_align(a.store, a.model, a.out, iters=a.iters, jobs=a.jobs, plots=a.plot, verbose=int(not a.quiet),
                   states_per_symbol=a.states_per_symbol)
     print(f"{s['out']}: aligned {s['aligned']} of {s['utterances']} utterances ({s['aligned_hours']:.3f} h) in "
           f"{s['iterations']} EM iterations, log-likelihood {s['loglik_per_frame']:.4f} per frame, "
           f"{s['seconds']:.1f} s; {s['unaligned']} unaligned (see unaligned.tsv)")
+
+
+def cmd_quantise(a):
+    from .pipelines import run_quantise
+
+    s = run_quantise(a.store, a.codebook_dir, a.out, verbose=int(not a.quiet))
+    print(f"{s['out']}: {s['frames']:,} frames quantised with K={s['k']}; mean squared distance "
+          f"{s['mean_d2']:.4f}, {s['seconds']:.1f} s")
 
 
 # ------------------------------------------------------------------- pictures (issue 13)
@@ -216,38 +227,46 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(p)
     p.set_defaults(func=cmd_info)
 
-    p = sub.add_parser("fit", help="learn a codebook (LBG, minibatch Lloyd or random sample)")
+    p = sub.add_parser("fit", help="learn a codebook (LBG, minibatch Lloyd or random sample)",
+                       description="Writes OUT/codebook.npy, codebook_counts.npy, codebook_stages.npz (LBG), "
+                       "fit_history.csv, fit_config.json and fit_checkpoint.npz.")
     p.add_argument("store", help="frame store, .npy file or Zarr array")
-    p.add_argument("out", help="output directory (codebook.npy, history.csv, config.json)")
-    p.add_argument("--k", type=_positive_int, required=True)
-    p.add_argument("--method", choices=["lbg", "lloyd", "random"], default="lbg")
-    p.add_argument("--batch-size", type=_positive_int, default=None)
-    p.add_argument("--steps", type=_positive_int, default=None, help="Lloyd steps (LBG: refinement steps per stage)")
+    p.add_argument("out", help="output directory")
+    p.add_argument("--k", type=_positive_int, required=True, help="number of codewords (required)")
+    p.add_argument("--method", choices=["lbg", "lloyd", "random"], default="lbg", help="(default lbg)")
+    p.add_argument("--batch-size", type=_positive_int, default=None,
+                   help="frames per step (default: LBG clip(16K, 8192, 65536), Lloyd clip(8K, 4096, 65536))")
+    p.add_argument("--steps", type=_positive_int, default=None,
+                   help="Lloyd steps (default two passes, at least 100); LBG: steps per stage at most (default 200)")
     p.add_argument("--decay", type=float, default=0.9, help="EMA weight of the old codeword (default 0.9)")
-    p.add_argument("--eps", type=float, default=None, help="LBG split perturbation")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--eps", type=float, default=None,
+                   help="split / repair offset in standard deviations (default 0.01)")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     p.add_argument("--no-repair", action="store_true", help="leave dead codewords alone")
-    p.add_argument("--resume", action="store_true", help="continue from OUT's checkpoint")
+    p.add_argument("--resume", action="store_true", help="continue from OUT's checkpoint (same settings)")
     _add_common(p)
     p.set_defaults(func=cmd_fit)
 
     p = sub.add_parser("compare", help="the seed experiment: random / lloyd / lbg under one budget, with plots")
     p.add_argument("store")
     p.add_argument("out")
-    p.add_argument("--k", type=_positive_int, default=256)
-    p.add_argument("--batch-size", type=_positive_int, default=None)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--k", type=_positive_int, default=256, help="number of codewords (default 256)")
+    p.add_argument("--batch-size", type=_positive_int, default=None, help="frames per step (default: per method)")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     _add_common(p)
     p.set_defaults(func=cmd_compare)
 
-    p = sub.add_parser("gmm", help="fit a diagonal GMM by streaming EM, initialised from a codebook")
+    p = sub.add_parser("gmm", help="fit a diagonal GMM by streaming EM, initialised from a codebook",
+                       description="Writes OUT/gmm.npz (the checkpoint too), gmm_history.csv, gmm_history.png, "
+                       "gmm_config.json.")
     p.add_argument("store")
     p.add_argument("codebook_dir", help="directory written by `streamq fit`")
     p.add_argument("out")
-    p.add_argument("--iters", type=_positive_int, default=10)
-    p.add_argument("--gselect", type=_positive_int, default=None, help="only the top-n components per frame")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--resume", action="store_true")
+    p.add_argument("--iters", type=_positive_int, default=10, help="EM iterations in total (default 10)")
+    p.add_argument("--gselect", type=_positive_int, default=None,
+                   help="only the top-n components per frame in the E-step (default: all)")
+    p.add_argument("--seed", type=int, default=0, help="random seed of the held-out sample (default 0)")
+    p.add_argument("--resume", action="store_true", help="continue from OUT/gmm.npz (same settings)")
     _add_common(p)
     p.set_defaults(func=cmd_gmm)
 
@@ -255,13 +274,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("store")
     p.add_argument("model", help="directory written by `streamq gmm` (or `streamq fit`)")
     p.add_argument("out")
-    p.add_argument("--iters", type=_positive_int, default=30)
-    p.add_argument("--jobs", type=_positive_int, default=1)
-    p.add_argument("--plot", type=int, default=0, help="draw pictures for the first N utterances")
+    p.add_argument("--iters", type=_positive_int, default=30, help="EM iterations (default 30)")
+    p.add_argument("--jobs", type=_positive_int, default=1, help="threads over utterances (default 1)")
+    p.add_argument("--plot", type=int, default=0,
+                   help="pictures and EM traces for the first N alignable utterances (default 0)")
     p.add_argument("--states-per-symbol", type=_positive_int, default=3, help="HMM states per character (default 3)")
-    p.add_argument("--seed", type=int, default=0)
     _add_common(p)
     p.set_defaults(func=cmd_align)
+
+    p = sub.add_parser("quantise", help="each frame's nearest codeword and squared distance, as Zarr arrays",
+                       description="OUT is a new Zarr group with labels int32 (N,) and d2 float32 (N,), "
+                       "aligned with STORE's frames and chunked like them; written to OUT.partial, then renamed.")
+    p.add_argument("store")
+    p.add_argument("codebook_dir", help="directory written by `streamq fit` (or a codebook .npy)")
+    p.add_argument("out")
+    _add_common(p)
+    p.set_defaults(func=cmd_quantise)
     _add_picture_parsers(sub)
     return ap
 
@@ -269,10 +297,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     ap = build_parser()
     a = ap.parse_args(argv)  # exits 2 on usage errors
-    logging.basicConfig(level=logging.WARNING if a.quiet else logging.INFO, format="%(levelname)s %(message)s",
-                        stream=sys.stderr)
     try:
-        a.func(a)
+        with cli_logging(logging.WARNING if a.quiet else logging.INFO):
+            a.func(a)
     except KeyboardInterrupt:
         print("streamq: interrupted", file=sys.stderr)
         return 130

@@ -22,6 +22,7 @@ same seed and source give the same codebook, and a resumed run continues the sam
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -29,11 +30,14 @@ import time
 from pathlib import Path
 
 import numpy as np
+from sklearn.base import BaseEstimator, TransformerMixin
+from sklearn.utils.validation import check_is_fitted, validate_data
 
-from .kernels.assign import accumulate, assign
-from .kernels.lloyd import ema_update, repair_dead, split
-from .progress import bar, log, write_records
-from .store import as_source
+from .artifacts import ArtifactError, check_codebook, load_npz, save_npz
+from .kernels.assign import assign, cluster_stats
+from .kernels.lloyd import dead_codewords, ema_update, repair_dead, split
+from .progress import bar, log
+from .store import ArraySource, FrameSource, as_source
 
 METRIC_COLUMNS = ["method", "stage", "step", "k", "frames_seen", "wall_seconds", "loss", "entropy", "log_k",
                   "utilisation", "dead", "repaired", "shifted", "imbalance"]
@@ -126,10 +130,11 @@ def held_out(source, k: int, eval_size: int, seed: int):
 
 
 def _check_k(k, source):
-    if k < 1:
-        raise ValueError(f"k must be >= 1, got {k}")
+    if int(k) != k or k < 1:
+        raise ValueError(f"n_clusters must be an integer >= 1, got {k!r}")
     if k > source.n_frames:
-        raise ValueError(f"k={k} is larger than the number of frames ({source.n_frames}) in {source.name}")
+        raise ValueError(f"{source.name}: n_samples={source.n_frames} should be >= n_clusters={k} "
+                         "(fewer frames than codewords)")
 
 
 def _sample_excluding(source, n, seed, exclude):
@@ -143,58 +148,109 @@ def _sample_excluding(source, n, seed, exclude):
     return source.take(idx)
 
 
-class _Estimator:
-    """Shared fitted attributes and ``predict``."""
+def _as_training_source(est, X, name="X"):
+    """``X`` as a FrameSource for fitting; sets ``est.n_features_in_``.
 
-    codebook_: np.ndarray
-    history_: list
+    Stores, paths, memmaps, Zarr / Dask arrays and FrameSources are streamed as they are (their frames are
+    checked chunk by chunk). An in-memory array goes through scikit-learn's ``validate_data`` (ints become
+    floats, NaN / inf, empty, 1-D and sparse input are refused with sklearn's messages) and becomes float32.
+    """
+    if isinstance(X, (FrameSource, str, os.PathLike, np.memmap)) or (
+            not isinstance(X, (np.ndarray, list, tuple)) and hasattr(X, "chunks")):
+        src = as_source(X, name=name)
+    else:
+        X = validate_data(est, X, dtype=[np.float32, np.float64], ensure_min_samples=1)
+        src = ArraySource(_float32(X, name), name=name)
+    est.n_features_in_ = src.dim
+    return src
+
+
+def _float32(X, name="X") -> np.ndarray:
+    X32 = np.ascontiguousarray(X, dtype=np.float32)
+    if X.dtype != np.float32 and not np.isfinite(X32).all():
+        raise ValueError(f"{name}: values beyond float32 range (|x| > 3.4e38) cannot be clustered; rescale X")
+    return X32
+
+
+class _Codebook(TransformerMixin, BaseEstimator):
+    """What every codebook estimator shares once fitted: ``predict``, ``transform``, ``score``.
+
+    Fitted attributes: ``codebook_`` float32 (K, D) (``cluster_centers_`` is the same array, scikit-learn's
+    name), ``n_features_in_``, ``history_`` (list of dict, one per logged step: METRIC_COLUMNS),
+    ``counts_`` float64 (K,), ``heldout_`` (bool: the metrics' sample was held out of training).
+    """
+
+    @property
+    def cluster_centers_(self) -> np.ndarray:
+        check_is_fitted(self, "codebook_")
+        return self.codebook_
+
+    def _frames(self, X) -> np.ndarray:
+        check_is_fitted(self, "codebook_")
+        return _float32(validate_data(self, X, dtype=[np.float32, np.float64], reset=False))
 
     def predict(self, X) -> np.ndarray:
-        """Index of the nearest codeword for each row of ``X`` (n, D) -> int64 (n,)."""
-        X = np.ascontiguousarray(X, dtype=np.float32)
-        if X.ndim != 2 or X.shape[1] != self.codebook_.shape[1]:
-            raise ValueError(f"X has shape {X.shape}, codebook dim is {self.codebook_.shape[1]}")
-        return assign(X, self.codebook_)[0]
+        """Index of the nearest codeword of each row of ``X`` (n, D): int64 (n,). Ties: lowest index."""
+        return assign(self._frames(X), self.codebook_)[0].astype(np.int64)
 
-    def score(self, X) -> float:
-        """Mean squared quantisation error per frame on ``X``."""
-        return evaluate(self.codebook_, np.ascontiguousarray(X, dtype=np.float32))["loss"]
+    def transform(self, X) -> np.ndarray:
+        """Euclidean distance of each row of ``X`` to every codeword: float64 (n, K) (as ``KMeans.transform``)."""
+        X = self._frames(X).astype(np.float64)
+        C = self.codebook_.astype(np.float64)
+        d2 = ((X[:, None, :] - C[None, :, :]) ** 2).sum(-1) if X.shape[0] * C.size <= 2 ** 24 else None
+        if d2 is None:  # large inputs: blocked, centred, exact in float64
+            mu = C.mean(0)
+            Xc, Cc = X - mu, C - mu
+            d2 = np.maximum((Xc ** 2).sum(1)[:, None] - 2 * Xc @ Cc.T + (Cc ** 2).sum(1)[None, :], 0.0)
+        return np.sqrt(d2)
+
+    def fit_predict(self, X, y=None) -> np.ndarray:
+        """``fit(X)`` then ``predict(X)`` (X must then be an in-memory array)."""
+        return self.fit(X).predict(X)
+
+    def score(self, X, y=None) -> float:
+        """Negative mean squared quantisation error per frame (greater is better, as ``KMeans.score``)."""
+        return -evaluate(self.codebook_, self._frames(X))["loss"]
+
+    def __sklearn_tags__(self):
+        tags = super().__sklearn_tags__()
+        tags.input_tags.allow_nan = False
+        return tags
 
 
-class RandomSample(_Estimator):
-    """K distinct frames drawn uniformly from the source: the no-hyper-parameter baseline and default init."""
+class RandomSample(_Codebook):
+    """K distinct frames drawn uniformly from the source: the no-hyper-parameter baseline and default init.
 
-    def __init__(self, k: int, seed: int = 0, eval_size: int = 20000):
-        self.k, self.seed, self.eval_size = k, seed, eval_size
+    Parameters
+    ----------
+    n_clusters : int, K.   seed : int.   eval_size : int, frames in the metrics' evaluation sample.
+    """
 
-    def fit(self, source):
+    def __init__(self, n_clusters=8, seed=0, eval_size=20000):
+        self.n_clusters, self.seed, self.eval_size = n_clusters, seed, eval_size
+
+    def fit(self, X, y=None):
+        """Draw the codebook from ``X`` (an (N, D) array, a store, a path); returns self."""
         t0 = time.perf_counter()
-        source = as_source(source)
-        _check_k(self.k, source)
-        H, exclude = held_out(source, self.k, self.eval_size, self.seed)
+        source = _as_training_source(self, X)
+        _check_k(self.n_clusters, source)
+        K = int(self.n_clusters)
+        H, exclude = held_out(source, K, self.eval_size, self.seed)
         self.heldout_ = exclude is not None
-        self.codebook_ = _sample_excluding(source, self.k, _derive(self.seed, 1), exclude)
+        self.codebook_ = _sample_excluding(source, K, _derive(self.seed, 1), exclude)
         m = evaluate(self.codebook_, H)
-        self.counts_ = np.bincount(assign(H, self.codebook_)[0], minlength=self.k).astype(np.float64)
+        self.counts_ = np.bincount(assign(H, self.codebook_)[0], minlength=K).astype(np.float64)
         self.n_repaired_ = 0
-        self.history_ = [{"method": "random", "stage": 0, "step": 0, "k": self.k, "frames_seen": self.k,
+        self.history_ = [{"method": "random", "stage": 0, "step": 0, "k": K, "frames_seen": K,
                           "wall_seconds": time.perf_counter() - t0, "dead": int((self.counts_ == 0).sum()),
                           "repaired": 0, **m}]
         return self
 
 
-class _Trainer(_Estimator):
-    """The EMA-Lloyd machinery shared by MiniBatchLloyd and LBG."""
+class _Trainer(_Codebook):
+    """The EMA-Lloyd machinery shared by MiniBatchLloyd and LBG (subclasses declare the parameters)."""
 
     method = "?"
-
-    def __init__(self, k, decay=0.9, batch_size=None, seed=0, repair=True, usage_decay=0.99, dead_threshold=0.02,
-                 repair_every=10, eps=None, eval_size=20000, log_every=10, checkpoint=None,
-                 checkpoint_seconds=120.0, quiet=True):
-        self.k, self.decay, self.batch_size, self.seed = k, decay, batch_size, seed
-        self.repair, self.usage_decay, self.dead_threshold, self.repair_every = repair, usage_decay, dead_threshold, repair_every
-        self.eps, self.eval_size, self.log_every = eps, eval_size, log_every
-        self.checkpoint, self.checkpoint_seconds, self.quiet = checkpoint, checkpoint_seconds, quiet
 
     # ------------------------------------------------------------ state
     def _init_state(self, C, stage=0):
@@ -207,19 +263,31 @@ class _Trainer(_Estimator):
         self.counts_ = np.zeros(K)
         self.stage_, self.step_in_stage_ = stage, 0
 
+    def _config(self) -> dict:
+        """What a checkpoint must agree with to be resumed: the parameters that change the result."""
+        skip = {"checkpoint", "checkpoint_seconds", "resume", "verbose", "log_every"}
+        return {k: (v if isinstance(v, (int, float, str, bool, type(None))) else repr(v))
+                for k, v in self.get_params().items() if k not in skip}
+
     def _state(self):
         return {"codebook": self.codebook_, "usage": self.usage_, "distortion": self.distortion_, "age": self.age_,
-                "idle": self.idle_,
-                "counts": self.counts_, "stage": self.stage_, "step_in_stage": self.step_in_stage_,
-                "step": self.step_, "frames_seen": self.frames_seen_, "n_repaired": self.n_repaired_,
-                "n_shifted": self.n_shifted_,
-                "wall_offset": self._wall(), "extra": json.dumps(self._extra_state()),
-                "history": json.dumps(self.history_)}
+                "idle": self.idle_, "counts": self.counts_, "stage": self.stage_,
+                "step_in_stage": self.step_in_stage_, "step": self.step_, "frames_seen": self.frames_seen_,
+                "n_repaired": self.n_repaired_, "n_shifted": self.n_shifted_, "wall_offset": self._wall(),
+                "extra": json.dumps(self._extra_state()), "history": json.dumps(self.history_),
+                "config": json.dumps({"method": self.method, "dim": self.n_features_in_, **self._config()})}
 
     def _extra_state(self):
         return {}
 
-    def _load_state(self, z):
+    def _load_state(self, z, path):
+        saved = json.loads(str(z["config"])) if "config" in z else None
+        want = {"method": self.method, "dim": self.n_features_in_, **self._config()}
+        if saved != want:
+            diff = {k: (None if saved is None else saved.get(k), want[k]) for k in want
+                    if saved is None or saved.get(k) != want[k]}
+            raise ArtifactError(f"{path}: checkpoint was made with other settings {diff}; "
+                                "use the same settings or start without resume")
         self.codebook_, self.usage_ = z["codebook"].astype(np.float32), z["usage"]
         self.distortion_, self.age_, self.counts_, self.idle_ = z["distortion"], z["age"], z["counts"], z["idle"]
         self.stage_, self.step_in_stage_ = int(z["stage"]), int(z["step_in_stage"])
@@ -227,15 +295,12 @@ class _Trainer(_Estimator):
         self.n_shifted_ = int(z["n_shifted"])
         self._t0 = time.perf_counter() - float(z["wall_offset"])
         self.history_ = json.loads(str(z["history"]))
-        return json.loads(str(z["extra"]))
+        return json.loads(str(z["extra"])), z
 
     def _save(self):
         if not self.checkpoint:
             return
-        path = Path(self.checkpoint)
-        tmp = path.with_name(path.name + ".tmp.npz")
-        np.savez(tmp, **self._state())
-        os.replace(tmp, path)
+        save_npz(self.checkpoint, **self._state())
         self._last_ckpt = time.perf_counter()
 
     def _wall(self):
@@ -261,7 +326,8 @@ class _Trainer(_Estimator):
         C = self.codebook_
         K = len(C)
         labels, d2 = assign(X, C)
-        sums, counts, sse = accumulate(X, labels, d2, K)
+        st = cluster_stats(X, labels, K, d2=d2, second_order=False)
+        counts, sums, sse = st.counts, st.sums, st.sse
         self.codebook_, self.usage_ = ema_update(C, sums, counts, self.decay, self.usage_, self.usage_decay)
         self.distortion_ = self.usage_decay * self.distortion_ + (1 - self.usage_decay) * sse
         self.counts_ += counts
@@ -272,7 +338,7 @@ class _Trainer(_Estimator):
         self.step_in_stage_ += 1
         self.frames_seen_ += len(X)
         if self.repair and K > 1 and self.step_ % self.repair_every == 0:
-            self._repair()
+            self._repair(self._dead(), _derive(self.seed, 13, self.stage_, self.step_))
 
     def _maybe_save(self):
         """Time-based checkpoint; called only between steps, after any logging of that step."""
@@ -280,57 +346,63 @@ class _Trainer(_Estimator):
             self._save()
 
     def _dead(self):
-        """Dead codewords: no frame won in the last W = max(20, 50·K/B) steps (about 50 frames' worth at a
-        fair share), or a usage EMA under ``dead_threshold`` of the fair share once the EMA has settled."""
-        K = len(self.codebook_)
-        window = max(20, math.ceil(50 * K / self._B))
-        mature = self.age_ >= 1.0 / (1.0 - self.usage_decay)
-        return (self.idle_ >= window) | (mature & (self.usage_ < self.dead_threshold / K))
+        """The dead-codeword policy (:func:`streamq.kernels.lloyd.dead_codewords`) on the current state."""
+        return dead_codewords(self.idle_, self.age_, self.usage_, self._B, self.usage_decay, self.dead_threshold)
 
-    def _repair(self):
-        K = len(self.codebook_)
-        dead = self._dead()
+    def _repair(self, dead, seed):
+        """Move the ``dead`` codewords next to the most distorted ones (:func:`repair_dead`); they and their
+        donors start a fresh life."""
         n_dead = int(dead.sum())
         if n_dead == 0:
             return
-        rng = np.random.default_rng(_derive(self.seed, 13, self.stage_, self.step_))
-        noise = (rng.standard_normal((n_dead, self.codebook_.shape[1])) * self._sigma).astype(np.float32)
+        K = len(self.codebook_)
+        noise = (np.random.default_rng(seed).standard_normal((n_dead, self.codebook_.shape[1]))
+                 * self._sigma).astype(np.float32)
         self.codebook_, n = repair_dead(self.codebook_, dead, self.distortion_, self.counts_, self._eps, noise)
-        # the moved codewords and their donors start a fresh life, sharing the donor's usage
         self.usage_[dead] = 1.0 / K
         self.distortion_[dead] = 0.0
         self.age_[dead] = 0
         self.idle_[dead] = 0
         self.n_repaired_ += int(n)
 
-    def _log(self, H, extra=None):
+    def _log(self, H, **extra):
         m = evaluate(self.codebook_, H)
         K = len(self.codebook_)
         rec = {"method": self.method, "stage": self.stage_, "step": self.step_, "k": K,
                "frames_seen": self.frames_seen_, "wall_seconds": round(self._wall(), 4),
                "dead": int(self._dead().sum()), "repaired": self.n_repaired_,
-               "shifted": self.n_shifted_, **m}
+               "shifted": self.n_shifted_, **m, **extra}
         self.history_.append(rec)
         return rec
 
     # ------------------------------------------------------------ setup
-    def _setup(self, source, resume):
-        source = as_source(source)
-        _check_k(self.k, source)
+    def _check_params(self):
+        if not 0.0 <= self.decay < 1.0:
+            raise ValueError(f"decay must be in [0, 1), got {self.decay}")
+        if self.eps is not None and not (np.isfinite(self.eps) and self.eps > 0):
+            raise ValueError(f"eps must be a finite number > 0, got {self.eps}")
+        if self.batch_size is not None and int(self.batch_size) < 1:
+            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.resume and not self.checkpoint:
+            raise ValueError("resume=True needs a checkpoint path")
+
+    def _setup(self, X):
+        self._check_params()
+        source = _as_training_source(self, X)
+        _check_k(self.n_clusters, source)
         self._B = int(self.batch_size or self._default_batch())
         self._t0 = time.perf_counter()
         self._last_ckpt = self._t0
         self.history_, self.step_, self.frames_seen_, self.n_repaired_, self.n_shifted_ = [], 0, 0, 0, 0
-        H, self._exclude = held_out(source, self.k, self.eval_size, self.seed)
+        H, self._exclude = held_out(source, self.n_clusters, self.eval_size, self.seed)
         self.heldout_ = self._exclude is not None
         self._sigma = H.std(axis=0).astype(np.float32) + np.float32(1e-12)
         self._eps = float(self.eps if self.eps is not None else 0.01)
-        extra = None
-        if resume and self.checkpoint and Path(self.checkpoint).exists():
-            with np.load(self.checkpoint) as z:
-                extra = self._load_state(z)
+        resumed = None
+        if self.resume and Path(self.checkpoint).exists():
+            resumed = self._load_state(load_npz(self.checkpoint), self.checkpoint)
             log.info("resumed from %s at step %d (K=%d)", self.checkpoint, self.step_, len(self.codebook_))
-        return source, H, extra
+        return source, H, resumed
 
     def _default_batch(self):
         return 4096
@@ -341,38 +413,65 @@ class MiniBatchLloyd(_Trainer):
 
     Parameters
     ----------
-    k : number of codewords.  decay : λ in c ← λc + (1−λ)·batch mean.  batch_size : frames per step.
-    steps : number of minibatch steps (default: two passes over the data, at least 100).
+    n_clusters : int, K.
+    decay : float, λ in c ← λc + (1−λ)·batch mean.
+    batch_size : int or None, frames per step (default clip(8K, 4096, 65536)).
+    max_steps : int or None, minibatch steps (default: two passes over the data, at least 100).
     init : 'random' (K distinct frames, seeded) or a (K, D) array.
+    repair : bool, repair dead codewords every ``repair_every`` steps.
+    usage_decay : float, decay of the per-codeword usage EMA that detects dead codewords.
+    dead_threshold : float, a codeword whose usage EMA falls under this share of the fair 1/K is dead.
+    eps : float or None, offset of a repaired codeword in per-dimension standard deviations (default 0.01).
+    eval_size : int, frames in the fixed evaluation sample behind ``history_``.
+    log_every : int, steps between history records.
+    seed : int.
+    checkpoint : str or None, a ``.npz`` path to checkpoint to (every ``checkpoint_seconds`` and at the end).
+    resume : bool, continue from ``checkpoint`` when it exists (it must have the same settings): the
+        resumed run ends with the same codebook as an uninterrupted one.
+    verbose : int, 0 silent, 1 progress bars.
     """
 
     method = "lloyd"
 
-    def __init__(self, k, decay=0.9, batch_size=None, steps=None, init="random", **kw):
-        super().__init__(k, decay=decay, batch_size=batch_size, **kw)
-        self.steps, self.init = steps, init
+    def __init__(self, n_clusters=8, decay=0.9, batch_size=None, max_steps=None, init="random", repair=True,
+                 usage_decay=0.99, dead_threshold=0.02, repair_every=10, eps=None, eval_size=20000, log_every=10,
+                 seed=0, checkpoint=None, checkpoint_seconds=120.0, resume=False, verbose=0):
+        self.n_clusters, self.decay, self.batch_size, self.max_steps, self.init = (n_clusters, decay, batch_size,
+                                                                                  max_steps, init)
+        self.repair, self.usage_decay, self.dead_threshold = repair, usage_decay, dead_threshold
+        self.repair_every, self.eps, self.eval_size, self.log_every = repair_every, eps, eval_size, log_every
+        self.seed, self.checkpoint, self.checkpoint_seconds = seed, checkpoint, checkpoint_seconds
+        self.resume, self.verbose = resume, verbose
 
     def _default_batch(self):
-        return int(np.clip(8 * self.k, 4096, 65536))
+        return int(np.clip(8 * self.n_clusters, 4096, 65536))
+
+    def _config(self):
+        cfg = super()._config()
+        if not isinstance(self.init, str):  # an init array: its checksum, not its repr
+            cfg["init"] = hashlib.sha1(np.ascontiguousarray(self.init, np.float32).tobytes()).hexdigest()
+        return cfg
 
     def _init_codebook(self, source):
         if isinstance(self.init, str):
             if self.init != "random":
                 raise ValueError(f"init must be 'random' or a (K, D) array, got {self.init!r}")
-            return _sample_excluding(source, self.k, _derive(self.seed, 1), self._exclude)
-        C = np.ascontiguousarray(self.init, dtype=np.float32)
-        if C.shape != (self.k, source.dim):
-            raise ValueError(f"init codebook has shape {C.shape}, expected ({self.k}, {source.dim})")
+            return _sample_excluding(source, self.n_clusters, _derive(self.seed, 1), self._exclude)
+        C = check_codebook(self.init, "init")
+        if C.shape != (self.n_clusters, source.dim):
+            raise ValueError(f"init codebook has shape {C.shape}, expected ({self.n_clusters}, {source.dim})")
         return C
 
-    def fit(self, source, resume=False):
-        source, H, extra = self._setup(source, resume)
-        if extra is None:
+    def fit(self, X, y=None):
+        """Train on ``X`` (an (N, D) array, a store, a path), streaming minibatches; returns self."""
+        source, H, resumed = self._setup(X)
+        if resumed is None:
             self._init_state(self._init_codebook(source))
             self._log(H)
-        steps = self.steps or max(100, 2 * math.ceil(source.n_frames / self._B))
+        steps = self.max_steps or max(100, 2 * math.ceil(source.n_frames / self._B))
         stream = self._batches(source, 0, self.step_)
-        with bar(steps, desc=f"lloyd K={self.k}", unit="step", quiet=self.quiet, initial=self.step_) as pb:
+        with bar(steps, desc=f"lloyd K={self.n_clusters}", unit="step", quiet=not self.verbose,
+                 initial=self.step_) as pb:
             while self.step_ < steps:
                 self._step(next(stream))
                 pb.update(1)
@@ -383,27 +482,26 @@ class MiniBatchLloyd(_Trainer):
         self._save()
         return self
 
-    def partial_fit(self, X):
+    def partial_fit(self, X, y=None):
         """One EMA step on batch ``X`` (B, D); the first call initialises from K distinct rows of ``X``."""
-        X = np.ascontiguousarray(X, dtype=np.float32)
-        if not hasattr(self, "codebook_"):
+        first = not hasattr(self, "codebook_")
+        X = _float32(validate_data(self, X, dtype=[np.float32, np.float64], reset=first))
+        if first:
+            self._check_params()
             if isinstance(self.init, str):
-                if len(X) < self.k:
-                    raise ValueError(f"k={self.k} is larger than the first batch ({len(X)} frames)")
+                if len(X) < self.n_clusters:
+                    raise ValueError(f"n_samples={len(X)} should be >= n_clusters={self.n_clusters} in the "
+                                     "first batch")
                 rng = np.random.default_rng(_derive(self.seed, 1))
-                C = X[np.sort(rng.choice(len(X), self.k, replace=False))]
+                C = X[np.sort(rng.choice(len(X), self.n_clusters, replace=False))]
             else:
-                C = np.asarray(self.init, np.float32)
+                C = check_codebook(self.init, "init")
             self._init_state(C)
             self._t0, self._last_ckpt = time.perf_counter(), time.perf_counter()
             self.history_, self.step_, self.frames_seen_, self.n_repaired_, self.n_shifted_ = [], 0, 0, 0, 0
             self._sigma = X.std(axis=0).astype(np.float32) + np.float32(1e-12)
             self._eps = float(self.eps if self.eps is not None else 0.01)
-            self._B, self._exclude = len(X), None
-        if X.ndim != 2 or X.shape[1] != self.codebook_.shape[1]:
-            raise ValueError(f"batch has shape {X.shape}, codebook dim is {self.codebook_.shape[1]}")
-        if not np.isfinite(X).all():
-            raise ValueError(f"batch holds {int((~np.isfinite(X)).any(axis=1).sum())} frames with NaN or inf")
+            self._B, self._exclude, self.heldout_ = len(X), None, False
         self._step(X)
         return self
 
@@ -413,47 +511,66 @@ class LBG(_Trainer):
 
     Parameters
     ----------
-    k : final number of codewords (any integer; the last stage splits the worst codewords only).
-    eps : split perturbation, in units of the per-dimension standard deviation (c ± eps·σ); default 0.01.
-    refine : maximum EMA-Lloyd steps per stage (a stage stops earlier when the evaluation loss improves by
-        less than ``tol`` (relative) over ``check_every`` steps).
+    n_clusters : int, the final K (any integer; the last stage splits the worst codewords only).
+    eps : float, split perturbation in per-dimension standard deviations (c ± eps·σ).
+    max_stage_steps : int, EMA-Lloyd steps per stage at most (a stage stops earlier when the evaluation loss
+        improves by less than ``tol`` (relative) over ``check_every`` steps, after ``min_steps``).
+    final_stage_steps : int or None, the same for the last stage (default ``max_stage_steps``).
     decay : λ of the EMA update (0.9).
-    passes : exact Lloyd iterations over all training frames after the last stage (default 3). Each one
-        sets every codeword to the mean of the frames it wins, removing the EMA's minibatch noise, and
-        moves any codeword that won no frame at all next to the most distorted one.
+    rebalance, rebalance_rounds : ELBG-style utility shifts after each stage (kept only if the loss falls).
+    n_passes : exact Lloyd iterations over all training frames after the last stage (default 3). Each one
+        sets every codeword to the mean of the frames it wins, removing the EMA's minibatch noise; a codeword
+        that wins no frame in a whole pass is dead and is repaired.
+    batch_size : int or None (default clip(16K, 8192, 65536)).
+    The other parameters are as in :class:`MiniBatchLloyd`.
+
+    Attributes
+    ----------
+    stage_codebooks_ : list of float32 (K_s, D), the codebook at the end of each stage (1, 2, 4, ..., K).
     """
 
     method = "lbg"
 
-    def __init__(self, k, eps=0.01, refine=200, decay=0.9, tol=5e-3, check_every=10, min_steps=20,
-                 final_refine=None, rebalance=True, rebalance_rounds=4, passes=3, **kw):
-        super().__init__(k, decay=decay, eps=eps, **kw)
-        self.refine, self.tol, self.check_every, self.min_steps = refine, tol, check_every, min_steps
-        self.final_refine, self.rebalance, self.rebalance_rounds = final_refine, rebalance, rebalance_rounds
-        self.passes = passes
+    def __init__(self, n_clusters=8, eps=0.01, max_stage_steps=200, decay=0.9, tol=5e-3, check_every=10,
+                 min_steps=20, final_stage_steps=None, rebalance=True, rebalance_rounds=4, n_passes=3,
+                 batch_size=None, repair=True, usage_decay=0.99, dead_threshold=0.02, repair_every=10,
+                 eval_size=20000, log_every=10, seed=0, checkpoint=None, checkpoint_seconds=120.0, resume=False,
+                 verbose=0):
+        self.n_clusters, self.eps, self.max_stage_steps, self.decay = n_clusters, eps, max_stage_steps, decay
+        self.tol, self.check_every, self.min_steps = tol, check_every, min_steps
+        self.final_stage_steps, self.rebalance, self.rebalance_rounds = final_stage_steps, rebalance, rebalance_rounds
+        self.n_passes, self.batch_size, self.repair, self.usage_decay = n_passes, batch_size, repair, usage_decay
+        self.dead_threshold, self.repair_every, self.eval_size = dead_threshold, repair_every, eval_size
+        self.log_every, self.seed, self.checkpoint = log_every, seed, checkpoint
+        self.checkpoint_seconds, self.resume, self.verbose = checkpoint_seconds, resume, verbose
 
     def _default_batch(self):
-        return int(np.clip(16 * self.k, 8192, 65536))
+        return int(np.clip(16 * self.n_clusters, 8192, 65536))
 
     def stages(self):
-        """Codebook size after each stage: 1, 2, 4, ..., k."""
+        """Codebook size after each stage: 1, 2, 4, ..., n_clusters."""
         ks = [1]
-        while ks[-1] < self.k:
-            ks.append(min(2 * ks[-1], self.k))
+        while ks[-1] < self.n_clusters:
+            ks.append(min(2 * ks[-1], self.n_clusters))
         return ks
 
-    def fit(self, source, resume=False):
-        source, H, extra = self._setup(source, resume)
-        if extra is None:
+    def fit(self, X, y=None):
+        """Grow and refine the codebook on ``X`` (an (N, D) array, a store, a path); returns self."""
+        source, H, resumed = self._setup(X)
+        if resumed is None:
             mean = H.mean(axis=0, dtype=np.float64).astype(np.float32)[None, :]
             self._init_state(mean, stage=0)
             self._stage_done, self._last_loss, self._phase, self._passes_done = -1, None, "refine", 0
+            self.stage_codebooks_ = []
             self._log(H)
         else:
+            extra, z = resumed
             self._stage_done, self._last_loss, self._phase = extra["stage_done"], extra["last_loss"], extra["phase"]
             self._passes_done = extra["passes_done"]
+            ends = np.cumsum(z["stage_ks"])
+            self.stage_codebooks_ = [z["stage_codebooks"][e - k:e].copy() for k, e in zip(z["stage_ks"], ends)]
         ks = self.stages()
-        with bar(len(ks), desc=f"lbg K={self.k}", unit="stage", quiet=self.quiet,
+        with bar(len(ks), desc=f"lbg K={self.n_clusters}", unit="stage", quiet=not self.verbose,
                  initial=self._stage_done + 1) as pb:
             for stage in range(len(ks)):
                 if stage <= self._stage_done:
@@ -467,48 +584,51 @@ class LBG(_Trainer):
                 if self.rebalance and len(self.codebook_) >= 4:
                     self._rebalance(source, H)
                 self._stage_done, self._last_loss, self._phase = stage, None, "refine"
+                self.stage_codebooks_.append(self.codebook_.copy())
                 self._save()
                 pb.update(1)
                 rec = self.history_[-1]
                 pb.set_postfix_str(f"K={rec['k']} loss {rec['loss']:.4g} dead {rec['dead']}", refresh=False)
-        with bar(self.passes, desc=f"lloyd passes K={self.k}", unit="pass", quiet=self.quiet,
+        with bar(self.n_passes, desc=f"lloyd passes K={self.n_clusters}", unit="pass", quiet=not self.verbose,
                  initial=self._passes_done) as pb:
-            while self._passes_done < self.passes:
+            while self._passes_done < self.n_passes:
                 self._full_pass(source, H)
                 self._passes_done += 1
                 self._save()
                 pb.update(1)
         return self
 
+    def _state(self):
+        st = super()._state()
+        cbs = self.stage_codebooks_
+        st["stage_ks"] = np.array([len(c) for c in cbs], np.int64)
+        st["stage_codebooks"] = (np.concatenate(cbs) if cbs else np.zeros((0, self.codebook_.shape[1]), np.float32))
+        return st
+
     def _full_pass(self, source, H):
-        """One exact Lloyd iteration over every training frame (storage order, bounded memory)."""
+        """One exact Lloyd iteration over every training frame (storage order, bounded memory). A codeword
+        that wins no frame in the whole pass is dead (the policy's full-pass case) and is repaired."""
         C = self.codebook_
         K, D = C.shape
-        sums, counts, sse = np.zeros((K, D)), np.zeros(K, np.int64), np.zeros(K)
+        counts, sums, sse = np.zeros(K), np.zeros((K, D)), np.zeros(K)
         for X in source.iter_minibatches(max(self._B, 65536), shuffle=False, exclude=self._exclude):
             labels, d2 = assign(X, C)
-            s, c, e = accumulate(X, labels, d2, K)
-            sums += s
-            counts += c
-            sse += e
+            st = cluster_stats(X, labels, K, d2=d2, second_order=False)
+            counts += st.counts
+            sums += st.sums
+            sse += st.sse
             self.frames_seen_ += len(X)
         hit = counts > 0
         C = C.copy()
         C[hit] = (sums[hit] / counts[hit, None]).astype(np.float32)
-        self.codebook_, self.counts_, self.distortion_ = C, counts.astype(np.float64), sse
-        self.idle_[:] = np.where(hit, 0, self.idle_)
-        dead = ~hit
-        if dead.any():  # won nothing in a whole pass: move next to the most distorted codewords
-            rng = np.random.default_rng(_derive(self.seed, 19, self._passes_done))
-            noise = (rng.standard_normal((int(dead.sum()), D)) * self._sigma).astype(np.float32)
-            self.codebook_, n = repair_dead(self.codebook_, dead, sse, counts, self._eps, noise)
-            self.n_repaired_ += int(n)
-            self.idle_[dead] = 0
+        self.codebook_, self.counts_, self.distortion_ = C, counts, sse
         self.usage_ = counts / max(counts.sum(), 1)
+        dead = dead_codewords(None, None, None, None, None, None, pass_counts=counts)
+        self.idle_[hit] = 0
         self.step_ += 1
-        rec = self._log(H)
-        rec["pass"] = self._passes_done + 1
-        rec["dead"] = int(dead.sum())
+        n_dead = int(dead.sum())
+        self._repair(dead, _derive(self.seed, 19, self._passes_done))
+        self._log(H, **{"pass": self._passes_done + 1, "dead": n_dead})
 
     def _extra_state(self):
         return {"stage_done": self._stage_done, "last_loss": self._last_loss, "phase": self._phase,
@@ -550,7 +670,7 @@ class LBG(_Trainer):
             self.age_[movers] = self.idle_[movers] = 0
             stream = self._batches(source, self.stage_, 0, sub=1 + rnd)
             last = None
-            for i in range(1, self.refine + 1):  # refine until the loss settles, as a stage does
+            for i in range(1, self.max_stage_steps + 1):  # refine until the loss settles, as a stage does
                 self._step(next(stream))
                 if i % self.check_every == 0:
                     after = self._log(H)["loss"]
@@ -568,7 +688,7 @@ class LBG(_Trainer):
             self.n_shifted_ += len(movers)
 
     def _refine_stage(self, source, H, final):
-        max_steps = (self.final_refine or self.refine) if final else self.refine
+        max_steps = (self.final_stage_steps or self.max_stage_steps) if final else self.max_stage_steps
         stream = self._batches(source, self.stage_, self.step_in_stage_)
         while self.step_in_stage_ < max_steps:
             self._step(next(stream))
@@ -580,76 +700,3 @@ class LBG(_Trainer):
             self._maybe_save()
         if not self.history_ or self.history_[-1]["step"] != self.step_:
             self._log(H)
-
-
-# ---------------------------------------------------------------- files and CLI entry points
-def write_history(records, path):
-    """Write metric records as CSV (columns: METRIC_COLUMNS, then any others)."""
-    write_records(records, path, METRIC_COLUMNS)
-
-
-def make_estimator(method, k, batch_size=None, steps=None, decay=0.9, eps=None, seed=0, repair=True,
-                   checkpoint=None, quiet=True):
-    """The estimator behind ``streamq fit --method``."""
-    if method == "random":
-        return RandomSample(k, seed=seed)
-    common = dict(batch_size=batch_size, seed=seed, repair=repair, checkpoint=checkpoint, quiet=quiet)
-    if method == "lloyd":
-        return MiniBatchLloyd(k, decay=decay, steps=steps, eps=eps, **common)
-    if method == "lbg":
-        kw = {"refine": steps} if steps else {}
-        return LBG(k, eps=0.01 if eps is None else eps, decay=decay, **kw, **common)
-    raise ValueError(f"unknown method {method!r}: choose lbg, lloyd or random")
-
-
-def run_fit(store, out, k, method="lbg", batch_size=None, steps=None, decay=0.9, eps=None, seed=0, resume=False,
-            repair=True, quiet=False) -> dict:
-    """``streamq fit``: train one codebook and write OUT/codebook.npy, history.csv, config.json."""
-    source = as_source(store)
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    config = {"store": str(store), "k": k, "method": method, "batch_size": batch_size, "steps": steps,
-              "decay": decay, "eps": eps, "seed": seed, "repair": repair, "dim": source.dim,
-              "n_frames": source.n_frames}
-    cfg_path = out / "config.json"
-    if resume and cfg_path.exists():
-        old = json.loads(cfg_path.read_text())
-        diff = {c: (old.get(c), config[c]) for c in config if c != "store" and old.get(c) != config[c]}
-        if diff:
-            raise ValueError(f"{cfg_path}: cannot resume with different settings {diff}")
-    ckpt = out / "checkpoint.npz"
-    if not resume and ckpt.exists():
-        ckpt.unlink()
-    est = make_estimator(method, k, batch_size, steps, decay, eps, seed, repair, checkpoint=str(ckpt), quiet=quiet)
-    cfg_path.write_text(json.dumps(config, indent=2))
-    est.fit(source, resume=resume) if method != "random" else est.fit(source)
-    np.save(out / "codebook.npy", est.codebook_)
-    np.save(out / "counts.npy", est.counts_)
-    write_history(est.history_, out / "history.csv")
-    last = est.history_[-1]
-    return {"k": k, "method": method, "loss": last["loss"], "entropy": last["entropy"], "log_k": last["log_k"],
-            "dead": last["dead"], "repaired": est.n_repaired_, "wall_seconds": last["wall_seconds"],
-            "heldout": est.heldout_}
-
-
-def run_compare(store, out, k=256, batch_size=None, seed=0, quiet=False) -> dict:
-    """``streamq compare``: the seed's experiment. LBG runs to K; MiniBatchLloyd gets the same number of
-    frames; RandomSample is the baseline. Writes OUT/history.csv and the two pictures."""
-    from . import plots
-
-    source = as_source(store)
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    lbg = LBG(k, batch_size=batch_size, seed=seed, quiet=quiet).fit(source)
-    budget = lbg.frames_seen_
-    B = batch_size or MiniBatchLloyd(k)._default_batch()
-    B = min(B, source.n_frames)
-    lloyd = MiniBatchLloyd(k, batch_size=B, steps=max(1, budget // B), seed=seed, quiet=quiet).fit(source)
-    rnd = RandomSample(k, seed=seed).fit(source)
-    records = rnd.history_ + lloyd.history_ + lbg.history_
-    write_history(records, out / "history.csv")
-    for name, est in (("random", rnd), ("lloyd", lloyd), ("lbg", lbg)):
-        np.save(out / f"codebook_{name}.npy", est.codebook_)
-    files = [str(out / "history.csv")] + plots.plot_compare(records, out)
-    summary = {m: dict(e.history_[-1]) for m, e in (("random", rnd), ("lloyd", lloyd), ("lbg", lbg))}
-    return {"methods": summary, "files": files, "budget_frames": budget}

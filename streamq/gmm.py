@@ -4,9 +4,10 @@ Nothing of size N x K is ever built: each EM iteration streams the source in bat
 E-step kernel (:func:`streamq.kernels.gmm.diag_gmm_stats`), which returns zeroth / first / second order
 statistics in float64; the M-step then works on (K, D) arrays only. Memory is bounded by the batch and K.
 
-- Initialisation from a codebook (:meth:`DiagGMM.init_from_codebook`): means = codewords, variances = the
-  per-cluster variances (floored), weights = usage counts, in one pass assigning frames to the nearest
-  codeword. Without a codebook, :meth:`DiagGMM.fit` first learns one with :class:`streamq.codebook.LBG`.
+- Initialisation from a codebook (``means_init`` or :meth:`DiagGMM.init_from_codebook`): means =
+  codewords, variances = the per-cluster variances (floored), weights = usage counts, in one pass
+  assigning frames to the nearest codeword. Without one, :meth:`DiagGMM.fit` first learns a codebook
+  with :class:`streamq.codebook.LBG`.
 - M-step with a variance floor (a clamp, ``var_floor``) and optionally scikit-learn's additive
   ``reg_covar``. A component whose occupancy falls below ``min_count`` frames is re-seeded by splitting
   the heaviest component into mu +/- split_eps * sigma (Kaldi's mixing-up idea); the history counts it.
@@ -17,23 +18,29 @@ statistics in float64; the M-step then works on (K, D) arrays only. Memory is bo
   (after it). The "held-out" sample is a fixed uniform sample of the source, the same at every iteration
   (so curves are comparable); it is not removed from the training pass.
 
-:func:`run_gmm` is the entry point of ``streamq gmm``; :func:`load_gmm` reads its ``gmm.npz``.
+Conventions are scikit-learn's ``GaussianMixture``: ``fit(X)`` returns self, ``score`` is the mean
+log-likelihood per frame (greater is better), ``score_samples``, ``predict``, ``predict_proba``.
+Files are written by :mod:`streamq.artifacts` and :func:`streamq.pipelines.run_gmm`.
 """
 
 from __future__ import annotations
 
-import csv
-import os
 import time
-from pathlib import Path
 
 import numba
 import numpy as np
+from sklearn.base import BaseEstimator, DensityMixin
+from sklearn.utils.validation import check_is_fitted, validate_data
 
+from .artifacts import Gaussians, check_codebook
 from .kernels import gmm as _k
-from .kernels.assign import assign
-from .progress import bar, log, write_records
+from .kernels.assign import assign, cluster_stats
+from .kernels.lloyd import dead_codewords
+from .progress import bar, log
+from .store import ArraySource, FrameSource, as_source
 
+HISTORY_FIELDS = ["iteration", "frames", "train_loglik", "heldout_loglik", "reseeded", "min_occupancy", "em_seconds",
+                  "seconds"]
 
 
 def _blas_single_thread():
@@ -43,20 +50,14 @@ def _blas_single_thread():
     return threadpool_limits(1, user_api="blas")
 
 
-def _as_frames(X, dim=None, name="X") -> np.ndarray:
-    X = np.asarray(X)
-    if X.ndim != 2:
-        raise ValueError(f"{name}: expected a 2-D (N, D) array of frames, got shape {X.shape}")
-    if not np.issubdtype(X.dtype, np.floating):
-        raise TypeError(f"{name}: expected float frames, got {X.dtype}; pass X.astype(np.float32)")
-    if dim is not None and X.shape[1] != dim:
-        raise ValueError(f"{name}: frames have dim {X.shape[1]}, the model has dim {dim}")
-    if not np.isfinite(X).all():
-        raise ValueError(f"{name}: frames hold NaN or inf; clean or drop them first")
-    return np.ascontiguousarray(X, dtype=np.float32)
+def _float32(X, name="X") -> np.ndarray:
+    X32 = np.ascontiguousarray(X, dtype=np.float32)
+    if X.dtype != np.float32 and not np.isfinite(X32).all():
+        raise ValueError(f"{name}: values beyond float32 range (|x| > 3.4e38); rescale the frames")
+    return X32
 
 
-class DiagGMM:
+class DiagGMM(DensityMixin, BaseEstimator):
     """Diagonal-covariance Gaussian mixture, fitted by streaming EM.
 
     Parameters
@@ -77,67 +78,61 @@ class DiagGMM:
         log-sum-exp and statistics are always float64). float32 is about 2x faster, error ~1e-6 relative.
     prune_tol : float. Per frame, components further than log(K) - log(prune_tol) nats below the best one
         are skipped in the log-sum-exp and the statistics: together they hold less than ``prune_tol`` of
-        the frame's likelihood (default 1e-10, far below the float32 GEMM's ~1e-6). In D dimensions the
-        number of components within a margin grows like margin^(D/2), so this is where the time goes.
-    seed : int. quiet : bool (no progress bar).
+        the frame's likelihood (default 1e-10, far below the float32 GEMM's ~1e-6).
+    means_init : (K, D) array or None. Initial means (a codebook); None: learn one with LBG.
+    warm_start : bool. ``fit`` continues from the current parameters when there are any.
+    seed : int.  verbose : int, 0 silent, 1 progress bars.
 
     Attributes
     ----------
-    weights_ : float64 (K,). means_ : float64 (K, D). variances_ : float64 (K, D).
+    weights_ : float64 (K,). means_ : float64 (K, D). variances_ : float64 (K, D). n_features_in_ : int.
     history_ : list of dict, one record per EM iteration (see module docstring).
     n_iter_ : int. reseeded_ : int, total components re-seeded.
     """
 
-    def __init__(self, n_components, var_floor=1e-3, reg_covar=0.0, max_iter=10, batch_size=65536, gselect=None,
+    def __init__(self, n_components=1, var_floor=1e-3, reg_covar=0.0, max_iter=10, batch_size=65536, gselect=None,
                  min_count=10.0, split_eps=0.2, reseed=True, subsample=None, n_heldout=20000, dot_dtype="float32",
-                 prune_tol=1e-10, seed=0, quiet=True):
-        if int(n_components) < 1:
-            raise ValueError(f"n_components must be >= 1, got {n_components}")
-        if var_floor < 0 or reg_covar < 0 or (var_floor == 0 and reg_covar == 0):
-            raise ValueError("var_floor and reg_covar must be >= 0 and not both 0")
-        if dot_dtype not in ("float32", "float64"):
-            raise ValueError(f"dot_dtype must be 'float32' or 'float64', got {dot_dtype!r}")
-        if not 0 < prune_tol < 1:
-            raise ValueError(f"prune_tol must be in (0, 1), got {prune_tol}")
-        if gselect is not None and int(gselect) < 1:
-            raise ValueError(f"gselect must be None or >= 1, got {gselect}")
-        self.n_components = int(n_components)
-        self.var_floor, self.reg_covar, self.max_iter, self.batch_size = var_floor, reg_covar, max_iter, batch_size
-        self.gselect, self.min_count, self.split_eps, self.subsample = gselect, min_count, split_eps, subsample
-        self.reseed, self.prune_tol = reseed, prune_tol
-        self.n_heldout, self.dot_dtype, self.seed, self.quiet = n_heldout, dot_dtype, seed, quiet
-        self.history_ = []
-        self.n_iter_ = 0
-        self.reseeded_ = 0
-        self._heldout = None
+                 prune_tol=1e-10, means_init=None, warm_start=False, seed=0, verbose=0):
+        self.n_components, self.var_floor, self.reg_covar, self.max_iter = n_components, var_floor, reg_covar, max_iter
+        self.batch_size, self.gselect, self.min_count, self.split_eps = batch_size, gselect, min_count, split_eps
+        self.reseed, self.subsample, self.n_heldout, self.dot_dtype = reseed, subsample, n_heldout, dot_dtype
+        self.prune_tol, self.means_init, self.warm_start = prune_tol, means_init, warm_start
+        self.seed, self.verbose = seed, verbose
 
     # ----------------------------------------------------------- parameters
-    def set_params_(self, weights, means, variances):
-        """Set the model parameters (validated); returns self."""
-        w = np.asarray(weights, np.float64).ravel()
-        m = np.atleast_2d(np.asarray(means, np.float64))
-        v = np.atleast_2d(np.asarray(variances, np.float64))
-        K = self.n_components
-        if m.shape[0] != K or v.shape != m.shape or w.shape != (K,):
-            raise ValueError(f"expected weights ({K},), means and variances ({K}, D); got {w.shape}, {m.shape}, "
-                             f"{v.shape}")
-        if not (np.isfinite(w).all() and np.isfinite(m).all() and np.isfinite(v).all()):
-            raise ValueError("weights, means and variances must be finite")
-        if (v <= 0).any():
-            raise ValueError(f"variances must be > 0 ({int((v <= 0).sum())} are not)")
-        if (w < 0).any() or w.sum() <= 0:
-            raise ValueError("weights must be >= 0 and not all zero")
-        self.weights_, self.means_, self.variances_ = w / w.sum(), m.copy(), v.copy()
-        return self
+    def _check_params(self):
+        if int(self.n_components) != self.n_components or self.n_components < 1:
+            raise ValueError(f"n_components must be an integer >= 1, got {self.n_components!r}")
+        if not (self.var_floor >= 0 and self.reg_covar >= 0) or (self.var_floor == 0 and self.reg_covar == 0):
+            raise ValueError("var_floor and reg_covar must be >= 0 and not both 0")
+        if self.dot_dtype not in ("float32", "float64"):
+            raise ValueError(f"dot_dtype must be 'float32' or 'float64', got {self.dot_dtype!r}")
+        if not 0 < self.prune_tol < 1:
+            raise ValueError(f"prune_tol must be in (0, 1), got {self.prune_tol}")
+        if self.gselect is not None and int(self.gselect) < 1:
+            raise ValueError(f"gselect must be None or >= 1, got {self.gselect}")
+        if int(self.max_iter) < 0 or int(self.batch_size) < 1:
+            raise ValueError(f"max_iter must be >= 0 and batch_size >= 1, got {self.max_iter}, {self.batch_size}")
 
-    def _check_fitted(self):
-        if not hasattr(self, "means_"):
-            raise RuntimeError("this DiagGMM has no parameters yet: call fit(), init_from_codebook() or set_params_()")
+    @classmethod
+    def from_gaussians(cls, model, **params) -> "DiagGMM":
+        """A fitted DiagGMM with the parameters of ``model`` (Gaussians, a dict or a fitted DiagGMM-like
+        object, validated); ``params`` are constructor parameters."""
+        g = Gaussians.of(model)
+        est = cls(n_components=g.n_components, **params)
+        est._set_gaussians(g)
+        return est
+
+    def _set_gaussians(self, g: Gaussians):
+        self.weights_, self.means_, self.variances_ = g.weights.copy(), g.means.copy(), g.variances.copy()
+        self.n_features_in_ = g.dim
+        if not hasattr(self, "history_"):
+            self.history_, self.n_iter_, self.reseeded_ = [], 0, 0
 
     @property
-    def dim(self) -> int:
-        self._check_fitted()
-        return self.means_.shape[1]
+    def gaussians_(self) -> Gaussians:
+        check_is_fitted(self, "means_")
+        return Gaussians(self.weights_, self.means_, self.variances_)
 
     def _shift(self):
         return np.ascontiguousarray(self.weights_ @ self.means_)
@@ -157,11 +152,26 @@ class DiagGMM:
         g = self.gselect if gselect == "default" else gselect
         return 0 if g is None else int(g)
 
+    def _frames(self, X) -> np.ndarray:
+        check_is_fitted(self, "means_")
+        return _float32(validate_data(self, X, dtype=[np.float32, np.float64], reset=False))
+
+    def _source(self, X, reset):
+        """A FrameSource over ``X`` (streamed when it is a store, path, memmap or chunked array)."""
+        if isinstance(X, (FrameSource, str, np.memmap)) or hasattr(X, "__fspath__") or (
+                not isinstance(X, (np.ndarray, list, tuple)) and hasattr(X, "chunks")):
+            src = as_source(X)
+            if not reset and src.dim != self.n_features_in_:
+                raise ValueError(f"{src.name} has {src.dim} features, but DiagGMM is expecting "
+                                 f"{self.n_features_in_} features as input")
+            return src
+        X = validate_data(self, X, dtype=[np.float32, np.float64], reset=reset)
+        return ArraySource(_float32(X), name="X")
+
     # -------------------------------------------------------------- scoring
     def score_samples(self, X, gselect=None) -> np.ndarray:
         """Per-frame log-likelihood log p(x), float64 (N,). ``gselect``: top-n approximation (None = exact)."""
-        self._check_fitted()
-        X = _as_frames(X, self.dim)
+        X = self._frames(X)
         shift, const, W = self._prepared()
         with _blas_single_thread():
             return _k.diag_gmm_loglik(X, shift, const, W, numba.get_num_threads(), self._tile(),
@@ -169,8 +179,7 @@ class DiagGMM:
 
     def predict_proba(self, X, gselect=None) -> np.ndarray:
         """Posteriors float64 (N, K) for a small X (N x K must fit in memory; stream with score_samples)."""
-        self._check_fitted()
-        X = _as_frames(X, self.dim)
+        X = self._frames(X)
         if X.shape[0] * self.n_components > 2 ** 27:
             raise ValueError(f"predict_proba would build a {X.shape[0]} x {self.n_components} matrix; "
                              "pass fewer frames")
@@ -183,48 +192,51 @@ class DiagGMM:
         """Most probable component of each frame, int64 (N,)."""
         return np.argmax(self.predict_proba(X), axis=1)
 
-    def score(self, source, batch_size=None, gselect=None) -> float:
-        """Average log-likelihood per frame over a whole source (streamed) or an (N, D) array."""
-        from .store import as_source
+    def fit_predict(self, X, y=None) -> np.ndarray:
+        return self.fit(X).predict(X)
 
-        self._check_fitted()
-        src = as_source(source)
+    def score(self, X, y=None, gselect=None) -> float:
+        """Average log-likelihood per frame of ``X`` (an array, or a whole store streamed); greater is better."""
+        check_is_fitted(self, "means_")
+        src = self._source(X, reset=False)
         tot, n = 0.0, 0
-        for X in src.iter_minibatches(batch_size or self.batch_size, shuffle=False):
-            tot += float(self.score_samples(X, gselect=gselect).sum())
-            n += len(X)
+        for B in src.iter_minibatches(self.batch_size, shuffle=False):
+            shift, const, W = self._prepared()
+            with _blas_single_thread():
+                tot += float(_k.diag_gmm_loglik(B, shift, const, W, numba.get_num_threads(), self._tile(),
+                                                self._log_prune(), self._g(gselect)).sum())
+            n += len(B)
         return tot / n
 
     # ------------------------------------------------------- initialisation
-    def init_from_codebook(self, source, codebook):
+    def init_from_codebook(self, X, codebook):
         """Means = codewords, variances = per-cluster variances (floored), weights = usage counts.
 
-        One pass over ``source`` assigning each frame to its nearest codeword. Empty clusters get the
-        global variance and are re-seeded by splitting the heaviest component (counted in ``reseeded_``).
+        One pass over ``X`` (array or store) assigning each frame to its nearest codeword. Empty clusters
+        get the global variance and are re-seeded by splitting the heaviest component (``reseeded_``).
         """
-        from .store import as_source
-
-        src = as_source(source)
-        C = np.ascontiguousarray(codebook, dtype=np.float32)
-        if C.ndim != 2 or C.shape[0] != self.n_components:
+        src = X if isinstance(X, FrameSource) else self._source(X, reset=True)
+        C = check_codebook(codebook, "codebook")
+        if C.shape[0] != self.n_components:
             raise ValueError(f"codebook: expected ({self.n_components}, D), got {C.shape}")
         if C.shape[1] != src.dim:
             raise ValueError(f"codebook has dim {C.shape[1]} but {src.name} has dim {src.dim}")
+        self.n_features_in_ = src.dim
         shift = C.astype(np.float64).mean(axis=0)
         K, D = C.shape
         n, f, s = np.zeros(K), np.zeros((K, D)), np.zeros((K, D))
-        with bar(src.n_frames, "GMM init (assign)", "frame", self.quiet) as pb:
-            for X in src.iter_minibatches(self.batch_size, shuffle=False):
-                labels, _ = assign(X, C)
-                bn, bf, bs = _k.cluster_stats(X, labels, K, shift, numba.get_num_threads())
-                n += bn
-                f += bf
-                s += bs
-                pb.update(len(X))
+        with bar(src.n_frames, "GMM init (assign)", "frame", not self.verbose) as pb:
+            for B in src.iter_minibatches(self.batch_size, shuffle=False):
+                labels, _ = assign(B, C)
+                st = cluster_stats(B, labels, K, shift=shift)
+                n += st.counts
+                f += st.sums
+                s += st.sq
+                pb.update(len(B))
         N = n.sum()
         gmean = f.sum(0) / N
         gvar = np.maximum(s.sum(0) / N - gmean ** 2, 0.0)
-        ok = n > 0
+        ok = ~dead_codewords(None, None, None, None, None, None, pass_counts=n)
         cm = np.divide(f, n[:, None], out=np.zeros_like(f), where=ok[:, None])
         var = np.divide(s, n[:, None], out=np.zeros_like(s), where=ok[:, None]) - cm ** 2
         var = np.where(ok[:, None], var, gvar[None, :])
@@ -232,12 +244,15 @@ class DiagGMM:
         self.weights_ = n / N
         self.means_ = C.astype(np.float64)
         self.variances_ = var
+        self.history_, self.n_iter_, self.reseeded_ = [], 0, 0
         self.init_reseeded_ = self._reseed(~ok)
         self.reseeded_ += self.init_reseeded_
         return self
 
     def _reseed(self, low) -> int:
-        """Split the heaviest component into each component flagged in ``low`` (bool (K,)); returns the count."""
+        """Repair the dead components flagged in ``low`` (bool (K,), from :func:`dead_codewords`): each takes
+        half of the currently heaviest component, split into mu +/- split_eps * sigma (the GMM's form of
+        :func:`streamq.kernels.lloyd.repair_dead`, which splits the most distorted codeword). Returns the count."""
         low = np.flatnonzero(low)
         if len(low) == 0 or len(low) == self.n_components:
             return 0
@@ -255,7 +270,7 @@ class DiagGMM:
         return len(low)
 
     # ------------------------------------------------------------------ EM
-    def _batches(self, src, it):
+    def _batches(self, src):
         if self.subsample is None or self.subsample >= src.n_frames:
             yield from src.iter_minibatches(self.batch_size, shuffle=False)
             return
@@ -266,35 +281,32 @@ class DiagGMM:
             if left <= 0:
                 return
 
-    def accumulate(self, source, it=0):
-        """One E-step pass. Returns (avg log-lik per frame, frames, n (K,), f (K, D), s (K, D), shift (D,))."""
-        from .store import as_source
-
-        src = as_source(source)
-        if src.dim != self.dim:
-            raise ValueError(f"{src.name} has dim {src.dim}, the model has dim {self.dim}")
+    def accumulate(self, X, it=0):
+        """One E-step pass over ``X`` (array or store). Returns (avg log-lik per frame, frames, n (K,),
+        f (K, D), s (K, D), shift (D,)): the sufficient statistics about ``shift``, float64."""
+        src = X if isinstance(X, FrameSource) else self._source(X, reset=False)
+        if src.dim != self.means_.shape[1]:
+            raise ValueError(f"{src.name} has dim {src.dim}, the model has dim {self.means_.shape[1]}")
         shift, const, W = self._prepared()
         K, D = self.means_.shape
         n, f, s = np.zeros(K), np.zeros((K, D)), np.zeros((K, D))
         tot, frames = 0.0, 0
         total = src.n_frames if self.subsample is None else min(src.n_frames, int(self.subsample))
-        with bar(total, f"EM iteration {it}", "frame", self.quiet) as pb, _blas_single_thread():
-            for X in self._batches(src, it):
-                t, bn, bf, bs = _k.diag_gmm_stats(X, shift, const, W, numba.get_num_threads(), self._tile(),
+        with bar(total, f"EM iteration {it}", "frame", not self.verbose) as pb, _blas_single_thread():
+            for B in self._batches(src):
+                t, bn, bf, bs = _k.diag_gmm_stats(B, shift, const, W, numba.get_num_threads(), self._tile(),
                                                   self._log_prune(), self._g("default"))
                 tot += t
                 n += bn
                 f += bf
                 s += bs
-                frames += len(X)
-                pb.update(len(X))
+                frames += len(B)
+                pb.update(len(B))
         return tot / max(frames, 1), frames, n, f, s, shift
 
     def m_step(self, n, f, s, shift) -> int:
         """Maximisation from statistics (about ``shift``); returns the number of re-seeded components."""
-        ok = (n > 0) & (n >= self.min_count)
-        if not ok.any():  # every component under min_count (tiny data): update whatever has occupancy
-            ok = n > 0
+        ok = ~dead_codewords(None, None, None, None, None, None, pass_counts=n, min_count=self.min_count)
         nn = n[:, None]
         mu = np.divide(f, nn, out=np.zeros_like(f), where=ok[:, None])
         var = np.divide(s, nn, out=np.zeros_like(s), where=ok[:, None]) - mu ** 2 + self.reg_covar
@@ -304,11 +316,11 @@ class DiagGMM:
         self.weights_ = np.where(ok, n, 0.0) / n[ok].sum()
         return self._reseed(~ok) if self.reseed else 0
 
-    def em_step(self, source) -> dict:
-        """One EM iteration (E-step pass + M-step); appends and returns its history record."""
+    def em_step(self, X) -> dict:
+        """One EM iteration (E-step pass + M-step) over ``X``; appends and returns its history record."""
         t0 = time.perf_counter()
         it = self.n_iter_ + 1
-        avg, frames, n, f, s, shift = self.accumulate(source, it)
+        avg, frames, n, f, s, shift = self.accumulate(X, it)
         reseeded = self.m_step(n, f, s, shift)
         t_em = time.perf_counter() - t0
         self.n_iter_ = it
@@ -322,201 +334,47 @@ class DiagGMM:
         return rec
 
     def _heldout_loglik(self) -> float:
-        if self._heldout is None or len(self._heldout) == 0:
+        H = getattr(self, "_heldout", None)
+        if H is None or len(H) == 0:
             return float("nan")
-        return float(self.score_samples(self._heldout).mean())  # exact, also when the E-step uses gselect
+        return float(self.score_samples(H).mean())  # exact, also when the E-step uses gselect
 
-    def set_heldout(self, source):
-        """Draw the fixed held-out sample (``n_heldout`` frames, seeded) from ``source``."""
-        from .store import as_source
-
-        src = as_source(source)
+    def set_heldout(self, X):
+        """Draw the fixed held-out sample (``n_heldout`` frames, seeded) from ``X`` (array or store)."""
+        src = X if isinstance(X, FrameSource) else self._source(X, reset=not hasattr(self, "n_features_in_"))
         self._heldout = src.sample(self.n_heldout, seed=self.seed + 1) if self.n_heldout else None
         return self
 
-    def fit(self, source, codebook=None, warm_start=False):
-        """Initialise (from ``codebook``, else LBG) unless ``warm_start``, then ``max_iter`` EM iterations."""
-        from .store import as_source
+    def initial_record(self) -> dict:
+        """The history record of iteration 0 (the initialised model, before any EM)."""
+        return {"iteration": 0, "frames": 0, "train_loglik": float("nan"), "heldout_loglik": self._heldout_loglik(),
+                "reseeded": self.reseeded_, "min_occupancy": float("nan"), "em_seconds": 0.0, "seconds": 0.0}
 
-        src = as_source(source)
+    def fit(self, X, y=None):
+        """Initialise (from ``means_init``, else LBG) unless ``warm_start``, then ``max_iter`` EM iterations.
+
+        ``X``: an (N, D) array, or a store / path / memmap (streamed). Returns self.
+        """
+        self._check_params()
+        warm = self.warm_start and hasattr(self, "means_")
+        src = self._source(X, reset=not warm)
         if self.n_components > src.n_frames:
-            raise ValueError(f"n_components = {self.n_components} > {src.n_frames} frames in {src.name}")
+            raise ValueError(f"{src.name}: n_samples={src.n_frames} should be >= n_components={self.n_components}")
+        self.n_features_in_ = src.dim
         self.set_heldout(src)
-        if not (warm_start and hasattr(self, "means_")):
+        if not warm:
+            codebook = self.means_init
             if codebook is None:
-                codebook = self._lbg(src)
+                from .codebook import LBG
+
+                codebook = LBG(self.n_components, seed=self.seed, verbose=self.verbose).fit(src).codebook_
             self.init_from_codebook(src, codebook)
-            self.history_ = [{"iteration": 0, "frames": 0, "train_loglik": float("nan"),
-                              "heldout_loglik": self._heldout_loglik(), "reseeded": self.reseeded_,
-                              "min_occupancy": float("nan"), "em_seconds": 0.0, "seconds": 0.0}]
-        for _ in range(self.max_iter):
+            self.history_ = [self.initial_record()]
+        for _ in range(int(self.max_iter)):
             self.em_step(src)
         return self
 
-    def _lbg(self, src):
-        from .codebook import LBG
-
-        return LBG(self.n_components, seed=self.seed, quiet=self.quiet).fit(src).codebook_
-
-
-# ------------------------------------------------------------------ files
-HISTORY_FIELDS = ["iteration", "frames", "train_loglik", "heldout_loglik", "reseeded", "min_occupancy", "em_seconds",
-                  "seconds"]
-
-
-def _atomic(path: Path, write):
-    tmp = path.with_name(path.stem + ".tmp" + path.suffix)
-    write(tmp)
-    os.replace(tmp, path)
-
-
-def save_gmm(gmm: DiagGMM, out_dir) -> Path:
-    """Write ``out_dir/gmm.npz`` (weights, means, variances, iteration, var_floor) atomically."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-
-    def w(tmp):
-        with open(tmp, "wb") as fh:
-            np.savez(fh, weights=gmm.weights_, means=gmm.means_, variances=gmm.variances_,
-                     iteration=np.int64(gmm.n_iter_), reseeded=np.int64(gmm.reseeded_),
-                     var_floor=np.float64(gmm.var_floor))
-
-    _atomic(out / "gmm.npz", w)
-    return out / "gmm.npz"
-
-
-def load_gmm(path, **kw) -> DiagGMM:
-    """A :class:`DiagGMM` from a directory holding ``gmm.npz`` (or the file itself). ``kw`` go to DiagGMM."""
-    p = Path(path)
-    f = p if p.suffix == ".npz" else p / "gmm.npz"
-    if not f.exists():
-        raise ValueError(f"{f}: not found (train a model with `streamq gmm`)")
-    try:
-        z = np.load(f)
-    except Exception as e:  # noqa: BLE001 - any unreadable file is reported the same way
-        raise ValueError(f"{f}: cannot read ({e})") from None
-    for key in ("weights", "means", "variances"):
-        if key not in z.files:
-            raise ValueError(f"{f}: missing field '{key}' (has {', '.join(z.files)})")
-    m = z["means"]
-    if m.ndim != 2:
-        raise ValueError(f"{f}: field 'means' must be (K, D), got {m.shape}")
-    if "var_floor" in z.files:
-        kw.setdefault("var_floor", float(z["var_floor"]))
-    g = DiagGMM(m.shape[0], **kw)
-    try:
-        g.set_params_(z["weights"], m, z["variances"])
-    except ValueError as e:
-        raise ValueError(f"{f}: {e}") from None
-    g.n_iter_ = int(z["iteration"]) if "iteration" in z.files else 0
-    g.reseeded_ = int(z["reseeded"]) if "reseeded" in z.files else 0
-    return g
-
-
-def write_history(records, path) -> None:
-    """Write history records to CSV atomically."""
-    write_records(records, path, HISTORY_FIELDS, extras=False)
-
-
-def read_history(path) -> list[dict]:
-    """History records from a CSV written by :func:`write_history` (missing values become NaN)."""
-    out = []
-    with open(path, newline="") as fh:
-        for row in csv.DictReader(fh):
-            rec = {}
-            for k in HISTORY_FIELDS:
-                v = row.get(k, "")
-                if k in ("iteration", "frames", "reseeded"):
-                    rec[k] = int(v) if v not in ("", None) else 0
-                else:
-                    rec[k] = float(v) if v not in ("", None) else float("nan")
-            out.append(rec)
-    return out
-
-
-def _load_codebook(codebook_dir) -> np.ndarray:
-    d = Path(codebook_dir)
-    f = d / "codebook.npy" if d.suffix != ".npy" else d
-    if not f.exists():
-        raise ValueError(f"{f}: codebook.npy not found (train one with `streamq fit`)")
-    try:
-        C = np.load(f)
-    except Exception as e:  # noqa: BLE001
-        raise ValueError(f"{f}: cannot read ({e})") from None
-    if C.ndim != 2 or C.shape[0] == 0 or not np.issubdtype(C.dtype, np.floating):
-        raise ValueError(f"{f}: expected a float (K, D) codebook, got {C.dtype} {C.shape}")
-    if not np.isfinite(C).all():
-        raise ValueError(f"{f}: codebook holds NaN or inf")
-    return np.ascontiguousarray(C, np.float32)
-
-
-def run_gmm(store_path, codebook_dir, out_dir, iters=10, resume=False, batch_size=65536, gselect=None, seed=0,
-            quiet=False, **gmm_kw) -> dict:
-    """Fit a DiagGMM on a store, initialised from ``codebook_dir/codebook.npy``; the ``streamq gmm`` command.
-
-    Writes ``out_dir/gmm.npz``, ``history.csv`` and ``history.png`` after every iteration (atomic
-    writes). ``resume=True`` continues from ``out_dir/gmm.npz`` up to ``iters`` iterations in total.
-    ``gmm_kw`` go to :class:`DiagGMM` (var_floor, min_count, subsample, n_heldout, ...).
-
-    Raises
-    ------
-    ValueError
-        Missing/unreadable codebook, codebook dim != store dim, K > frames, checkpoint mismatch (the
-        message names the file or field).
-    """
-    from .store import as_source
-
-    t0 = time.perf_counter()
-    src = as_source(store_path)
-    C = _load_codebook(codebook_dir)
-    K, D = C.shape
-    if D != src.dim:
-        raise ValueError(f"{Path(codebook_dir) / 'codebook.npy'}: codebook dim {D} != store dim {src.dim} "
-                         f"({src.name})")
-    if K > src.n_frames:
-        raise ValueError(f"{Path(codebook_dir) / 'codebook.npy'}: K = {K} components > {src.n_frames} frames "
-                         f"in {src.name}")
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    g = DiagGMM(K, batch_size=batch_size, gselect=gselect, seed=seed, quiet=quiet, **gmm_kw)
-    g.set_heldout(src)
-    ckpt = out / "gmm.npz"
-    if resume and ckpt.exists():
-        prev = load_gmm(ckpt)
-        if prev.means_.shape != (K, D):
-            raise ValueError(f"{ckpt}: checkpoint has means {prev.means_.shape}, codebook is ({K}, {D}); "
-                             "use a new OUT or drop --resume")
-        g.set_params_(prev.weights_, prev.means_, prev.variances_)
-        g.n_iter_, g.reseeded_ = prev.n_iter_, prev.reseeded_
-        g.history_ = read_history(out / "history.csv") if (out / "history.csv").exists() else []
-        g.history_ = [r for r in g.history_ if r["iteration"] <= g.n_iter_]
-        log.info("resuming from %s at iteration %d", ckpt, g.n_iter_)
-    else:
-        if resume:
-            log.info("no checkpoint in %s: starting from the codebook", out)
-        g.init_from_codebook(src, C)
-        g.history_ = [{"iteration": 0, "frames": 0, "train_loglik": float("nan"),
-                       "heldout_loglik": g._heldout_loglik(), "reseeded": g.reseeded_,
-                       "min_occupancy": float("nan"), "em_seconds": 0.0, "seconds": 0.0}]
-        _checkpoint(g, out)
-    while g.n_iter_ < iters:
-        g.em_step(src)
-        _checkpoint(g, out)
-    last = g.history_[-1] if g.history_ else {}
-    return {"out": str(out), "n_components": K, "dim": D, "frames": src.n_frames, "iterations": g.n_iter_,
-            "train_loglik": last.get("train_loglik"), "heldout_loglik": last.get("heldout_loglik"),
-            "reseeded": g.reseeded_, "gselect": gselect, "seconds": time.perf_counter() - t0,
-            "files": [str(out / n) for n in ("gmm.npz", "history.csv", "history.png")]}
-
-
-def _checkpoint(g: DiagGMM, out: Path):
-    save_gmm(g, out)
-    write_history(g.history_, out / "history.csv")
-    try:
-        from .plots import plot_gmm_history
-    except ImportError:
-        return
-    try:
-        _atomic(out / "history.png", lambda tmp: plot_gmm_history(g.history_, tmp))
-    except RuntimeError as e:  # matplotlib missing: the picture is optional
-        log.warning("history.png not written: %s", e)
+    def __sklearn_tags__(self):
+        tags = super().__sklearn_tags__()
+        tags.input_tags.allow_nan = False
+        return tags

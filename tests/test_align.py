@@ -5,8 +5,11 @@ import csv
 import numpy as np
 import pytest
 
-from streamq.align import Aligner, GaussianSet, Inventory, gaussians_from_codebook, normalise, run_align, textgrid
-from streamq.store import FrameStore
+from streamq.align import Aligner, gaussians_from_codebook
+from streamq.formats import textgrid
+from streamq.pipelines import run_align
+from streamq.store import FrameStore, as_utterances
+from streamq.transcripts import Inventory, normalise
 
 D = 4
 SYMS = "abcde"
@@ -95,7 +98,7 @@ def test_chain_structure_and_transitions():
 # --------------------------------------------------------------------------- EM and decoding
 def test_em_never_lowers_loglik_and_recovers_boundaries(corpus):
     Xs, texts, truth, model = corpus
-    al = Aligner(model, states_per_symbol=2, n_iter=8, weight_prior=0.0).fit(Xs, texts)
+    al = Aligner(model, states_per_symbol=2, max_iter=8, weight_prior=0.0).fit(Xs, texts)
     ll = [h["loglik"] for h in al.history_]
     assert all(b >= a - 1e-6 * abs(a) for a, b in zip(ll, ll[1:])), ll
     assert ll[-1] > ll[0] + 100
@@ -109,7 +112,7 @@ def test_em_never_lowers_loglik_and_recovers_boundaries(corpus):
 
 def test_em_monotone_with_transition_updates(corpus):
     Xs, texts, truth, model = corpus
-    al = Aligner(model, states_per_symbol=1, n_iter=6, weight_prior=0.0, update_transitions=True).fit(Xs, texts)
+    al = Aligner(model, states_per_symbol=1, max_iter=6, weight_prior=0.0, update_transitions=True).fit(Xs, texts)
     ll = [h["loglik"] for h in al.history_]
     assert all(b >= a - 1e-6 * abs(a) for a, b in zip(ll, ll[1:])), ll
     assert np.isfinite(al.self_loops_).all() and (al.self_loops_ < 0.999).all()
@@ -117,8 +120,8 @@ def test_em_monotone_with_transition_updates(corpus):
 
 def test_jobs_give_identical_results(corpus):
     Xs, texts, truth, model = corpus
-    a1 = Aligner(model, n_iter=3).fit(Xs, texts)
-    a2 = Aligner(model, n_iter=3, jobs=2).fit(Xs, texts)
+    a1 = Aligner(model, max_iter=3).fit(Xs, texts)
+    a2 = Aligner(model, max_iter=3, n_jobs=2).fit(Xs, texts)
     np.testing.assert_array_equal(a1.unit_weights_, a2.unit_weights_)
     assert [h["loglik"] for h in a1.history_] == [h["loglik"] for h in a2.history_]
 
@@ -126,7 +129,7 @@ def test_jobs_give_identical_results(corpus):
 def test_unalignable_utterances_are_reported(corpus):
     Xs, texts, truth, model = corpus
     X_short = Xs[0][:5]
-    al = Aligner(model, n_iter=2).fit(Xs[:4] + [X_short, Xs[0]], texts[:4] + ["abc de", "?!"])
+    al = Aligner(model, max_iter=2).fit(Xs[:4] + [X_short, Xs[0]], texts[:4] + ["abc de", "?!"])
     assert set(al.unaligned_) == {4, 5}
     assert "more states than frames" in al.unaligned_[4] and "empty" in al.unaligned_[5]
     res = dict(al.align_corpus())
@@ -135,7 +138,7 @@ def test_unalignable_utterances_are_reported(corpus):
 
 def test_single_utterance_self_training(corpus):
     Xs, texts, truth, model = corpus
-    al = Aligner(model, states_per_symbol=1, n_iter=15)
+    al = Aligner(model, states_per_symbol=1, max_iter=15)
     a = al.align(Xs[6], texts[6], update=True, posteriors=True)
     assert a.posteriors.shape == (len(Xs[6]), 10)  # sil d e e d [sil] a c e sil
     assert (boundary_errors(a.words, truth[6]) <= 3).mean() >= 0.75
@@ -150,12 +153,11 @@ def test_gaussians_from_codebook():
     rng = np.random.default_rng(0)
     X = rng.normal(size=(500, 3)).astype(np.float32)
     C = X[:4].copy()
-    from streamq.align import _Corpus
-
-    g = gaussians_from_codebook(C, _Corpus([X[:200], X[200:]], ["a", "b"]), var_floor=0.0)
+    g = gaussians_from_codebook(C, as_utterances([X[:200], X[200:]], ["a", "b"]))
     a = ((X[:, None, :].astype(np.float64) - C[None]) ** 2).sum(2).argmin(1)
-    for k in range(4):
-        ref = ((X[a == k].astype(np.float64) - C[k]) ** 2).mean(0)
+    np.testing.assert_array_equal(g.means, C.astype(np.float64))
+    for k in range(4):  # the same statistics as DiagGMM.init_from_codebook: each cluster's own variance
+        ref = X[a == k].astype(np.float64).var(0)
         np.testing.assert_allclose(g.variances[k], ref, rtol=1e-8)
     np.testing.assert_allclose(g.weights, np.bincount(a, minlength=4) / 500)
 
@@ -186,9 +188,9 @@ def store_and_models(corpus, tmp_path_factory):
 def test_run_align_outputs(store_and_models, kind):
     root, truth = store_and_models
     out = root / f"out_{kind}"
-    s = run_align(root / "store", root / kind, out, iters=5, plots=1, quiet=True)
+    s = run_align(root / "store", root / kind, out, iters=5, plots=1, verbose=0)
     assert s["utterances"] == 25 and s["aligned"] == 24 and s["unaligned"] == 1
-    rows = list(csv.DictReader(open(out / "history.csv")))
+    rows = list(csv.DictReader(open(out / "align_history.csv")))
     assert [int(r["iteration"]) for r in rows] == [1, 2, 3, 4, 5]
     assert (out / "unaligned.tsv").read_text().splitlines()[1].startswith("short\tmore states than frames")
     words = [ln.split() for ln in (out / "words.ctm").read_text().splitlines()]
@@ -205,24 +207,28 @@ def test_run_align_outputs(store_and_models, kind):
     assert 'name = "chars"' in tg and 'name = "words"' in tg and 'text = "abc"' in tg
     assert len(list((out / "textgrids").glob("*.TextGrid"))) == 24
     assert (out / "plots" / "u00.png").stat().st_size > 1000
+    tr = np.load(out / "traces" / "u00.npz")
+    assert tr["posteriors"].shape[0] == 5 and tr["paths"].shape == (5, len(tr["frames"]))
+    np.testing.assert_allclose(tr["posteriors"][-1].astype(np.float64).sum(1), 1.0, atol=1e-2)
+    assert list(tr["words"]) == ["abc", "de"]
 
 
 def test_run_align_bad_input(store_and_models, tmp_path):
     root, _ = store_and_models
     with pytest.raises(ValueError, match="no gmm.npz or codebook.npy"):
-        run_align(root / "store", tmp_path, tmp_path / "o", iters=1, quiet=True)
+        run_align(root / "store", tmp_path, tmp_path / "o", iters=1, verbose=0)
     with pytest.raises(ValueError, match="model directory not found"):
-        run_align(root / "store", tmp_path / "nope", tmp_path / "o", iters=1, quiet=True)
+        run_align(root / "store", tmp_path / "nope", tmp_path / "o", iters=1, verbose=0)
     np.savez(tmp_path / "gmm.npz", weights=np.ones(3), means=np.zeros((3, D)))
     with pytest.raises(ValueError, match="gmm.npz: missing field 'variances'"):
-        run_align(root / "store", tmp_path, tmp_path / "o", iters=1, quiet=True)
+        run_align(root / "store", tmp_path, tmp_path / "o", iters=1, verbose=0)
     np.savez(tmp_path / "gmm.npz", weights=np.ones(3), means=np.zeros((3, 7)), variances=np.ones((3, 7)))
     with pytest.raises(ValueError, match="dimension 7 differs"):
-        run_align(root / "store", tmp_path, tmp_path / "o", iters=1, quiet=True)
+        run_align(root / "store", tmp_path, tmp_path / "o", iters=1, verbose=0)
     np.savez(tmp_path / "gmm.npz", weights=np.ones(3), means=np.zeros((3, D)), variances=-np.ones((3, D)))
-    with pytest.raises(ValueError, match="variances must be > 0"):
-        run_align(root / "store", tmp_path, tmp_path / "o", iters=1, quiet=True)
+    with pytest.raises(ValueError, match="'variances' must be > 0"):
+        run_align(root / "store", tmp_path, tmp_path / "o", iters=1, verbose=0)
     with pytest.raises(ValueError, match="not a streamq frame store"):
-        run_align(tmp_path / "nostore", root / "gmm", tmp_path / "o", iters=1, quiet=True)
+        run_align(tmp_path / "nostore", root / "gmm", tmp_path / "o", iters=1, verbose=0)
     with pytest.raises(ValueError, match="states_per_symbol"):
-        run_align(root / "store", root / "gmm", tmp_path / "o", iters=1, states_per_symbol=0, quiet=True)
+        run_align(root / "store", root / "gmm", tmp_path / "o", iters=1, states_per_symbol=0, verbose=0)

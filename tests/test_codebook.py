@@ -8,7 +8,8 @@ import time
 import numpy as np
 import pytest
 
-from streamq.codebook import LBG, MiniBatchLloyd, RandomSample, evaluate, plan_shifts, run_compare, run_fit
+from streamq.codebook import LBG, MiniBatchLloyd, RandomSample, evaluate, plan_shifts
+from streamq.pipelines import run_compare, run_fit
 from streamq.store import StoreError
 
 
@@ -81,16 +82,19 @@ def test_same_seed_same_codebook(cls):
 def test_k_larger_than_data_is_a_clear_error():
     X = np.zeros((10, 3), np.float32)
     for est in (LBG(11), MiniBatchLloyd(11), RandomSample(11)):
-        with pytest.raises(ValueError, match=r"k=11 is larger than the number of frames \(10\)"):
+        with pytest.raises(ValueError, match=r"n_samples=10 should be >= n_clusters=11"):
             est.fit(X)
 
 
-def test_nan_frames_named():
+def test_nan_frames_named(tmp_path):
     rng = np.random.default_rng(3)
     X = rng.normal(size=(5000, 3)).astype(np.float32)
     X[1234, 2] = np.inf
     X[4000, 0] = np.nan
+    np.save(tmp_path / "x.npy", X)  # streamed from disk: the frames are named
     with pytest.raises(StoreError, match=r"2 frames with NaN or inf.*frame 1234, 4000"):
+        LBG(8).fit(tmp_path / "x.npy")
+    with pytest.raises(ValueError, match="NaN|infinity"):  # in memory: scikit-learn's check
         LBG(8).fit(X)
 
 
@@ -103,7 +107,7 @@ def test_edge_cases_k1_d1_n_equals_k():
     Y = rng.normal(size=(64, 2)).astype(np.float32)
     full = LBG(64, batch_size=64).fit(Y)
     assert full.codebook_.shape == (64, 2) and full.history_[-1]["loss"] < evaluate(Y.mean(0, keepdims=True), Y)["loss"]
-    lab = MiniBatchLloyd(8, steps=5).fit(X).predict(X)
+    lab = MiniBatchLloyd(8, max_steps=5).fit(X).predict(X)
     assert lab.shape == (500,) and lab.dtype == np.int64
 
 
@@ -112,7 +116,7 @@ def test_dead_codewords_are_repaired():
     X = rng.normal(size=(20000, 4)).astype(np.float32)
     C0 = X[:64].copy()
     C0[:10] += 1000.0  # ten codewords no frame will ever reach
-    kw = dict(decay=0.9, init=C0, batch_size=1024, steps=400, seed=0)
+    kw = dict(decay=0.9, init=C0, batch_size=1024, max_steps=400, seed=0)
     off = MiniBatchLloyd(64, repair=False, **kw).fit(X)
     on = MiniBatchLloyd(64, repair=True, **kw).fit(X)
     assert off.history_[-1]["dead"] >= 10 and off.n_repaired_ == 0
@@ -145,18 +149,18 @@ def test_run_fit_files_and_compare(tmp_path):
     rng = np.random.default_rng(7)
     _, X = blobs(rng, n_clusters=8, n=8000, d=5)
     np.save(tmp_path / "x.npy", X)
-    s = run_fit(tmp_path / "x.npy", tmp_path / "fit", k=16, method="lbg", quiet=True)
+    s = run_fit(tmp_path / "x.npy", tmp_path / "fit", n_clusters=16, method="lbg", verbose=0)
     C = np.load(tmp_path / "fit" / "codebook.npy")
     assert C.shape == (16, 5) and C.dtype == np.float32
-    cfg = json.loads((tmp_path / "fit" / "config.json").read_text())
+    cfg = json.loads((tmp_path / "fit" / "fit_config.json").read_text())
     assert cfg["k"] == 16 and cfg["method"] == "lbg"
-    header = (tmp_path / "fit" / "history.csv").read_text().splitlines()[0].split(",")
+    header = (tmp_path / "fit" / "fit_history.csv").read_text().splitlines()[0].split(",")
     assert {"loss", "entropy", "log_k", "utilisation", "dead", "repaired", "imbalance", "frames_seen",
             "wall_seconds"} <= set(header)
-    c = run_compare(tmp_path / "x.npy", tmp_path / "cmp", k=16, quiet=True)
-    for f in ("history.csv", "loss_vs_steps.png", "loss_vs_wall.png"):
+    c = run_compare(tmp_path / "x.npy", tmp_path / "cmp", n_clusters=16, verbose=0)
+    for f in ("compare_history.csv", "loss_vs_steps.png", "loss_vs_wall.png"):
         assert (tmp_path / "cmp" / f).stat().st_size > 1000
-    methods = {line.split(",")[0] for line in (tmp_path / "cmp" / "history.csv").read_text().splitlines()[1:]}
+    methods = {line.split(",")[0] for line in (tmp_path / "cmp" / "compare_history.csv").read_text().splitlines()[1:]}
     assert methods == {"random", "lloyd", "lbg"}
     assert c["methods"]["lbg"]["loss"] < c["methods"]["random"]["loss"]
 
@@ -179,7 +183,7 @@ def test_resume_after_sigkilled_fit_is_identical(tmp_path):
     killed = False
     deadline = time.time() + 300
     while p.poll() is None and time.time() < deadline:
-        ck = out / "checkpoint.npz"
+        ck = out / "fit_checkpoint.npz"
         if ck.exists():
             try:
                 with np.load(ck) as z:
@@ -203,7 +207,7 @@ def test_cli_errors_exit_codes(tmp_path):
     np.save(tmp_path / "x.npy", np.zeros((5, 2), np.float32))
     r = subprocess.run(_cli("fit", tmp_path / "x.npy", tmp_path / "o", "--k", 6), capture_output=True, text=True)
     assert r.returncode == 1
-    assert r.stderr.strip().count("\n") == 0 and "k=6 is larger than the number of frames (5)" in r.stderr
+    assert r.stderr.strip().count("\n") == 0 and "--k 6 is larger than the number of frames (5)" in r.stderr
     r = subprocess.run(_cli("fit", tmp_path / "x.npy", tmp_path / "o"), capture_output=True, text=True)
     assert r.returncode == 2
     r = subprocess.run(_cli("fit", tmp_path / "nope.npy", tmp_path / "o", "--k", 2), capture_output=True, text=True)
@@ -241,8 +245,8 @@ def test_lbg_repairs_codewords_that_win_nothing():
 def test_final_lloyd_passes_never_raise_the_training_loss():
     rng = np.random.default_rng(10)
     _, X = blobs(rng, n_clusters=40, n=20000, d=3, spread=2.0, noise=0.5)
-    a = LBG(32, seed=0, passes=0, eval_size=2000).fit(X)
-    b = LBG(32, seed=0, passes=1, eval_size=2000).fit(X)
+    a = LBG(32, seed=0, n_passes=0, eval_size=2000).fit(X)
+    b = LBG(32, seed=0, n_passes=1, eval_size=2000).fit(X)
     np.testing.assert_array_equal(a.history_[-1]["k"], 32)
     train = np.delete(X, b._exclude, axis=0)
     assert full_loss(b.codebook_, train) <= full_loss(a.codebook_, train) + 1e-6

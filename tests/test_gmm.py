@@ -8,8 +8,16 @@ import pytest
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.mixture import GaussianMixture
 
-from streamq.gmm import DiagGMM, load_gmm, run_gmm
+from streamq.artifacts import Gaussians
+from streamq.gmm import DiagGMM
+from streamq.pipelines import load_gmm, run_gmm
 from streamq.store import FrameStore
+
+
+def with_params(g, w, m, v):
+    """A fitted copy of ``g`` (same constructor parameters) holding the given Gaussians."""
+    params = {k: v for k, v in g.get_params().items() if k != "n_components"}
+    return DiagGMM.from_gaussians(Gaussians.checked(w, m, v), **params)
 
 
 def blobs(seed, n_per=200, D=3, centres=None):
@@ -39,7 +47,7 @@ def test_matches_sklearn_each_iteration(dot_dtype, rtol, K):
     sk = GaussianMixture(K, covariance_type="diag", weights_init=w0, means_init=m0, precisions_init=1 / v0,
                          max_iter=1, warm_start=True, reg_covar=reg, tol=0)
     g = DiagGMM(K, var_floor=1e-12, reg_covar=reg, min_count=0, n_heldout=0, batch_size=300, dot_dtype=dot_dtype)
-    g.set_params_(w0, m0, v0)
+    g = with_params(g, w0, m0, v0)
     X64 = X.astype(np.float64)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ConvergenceWarning)
@@ -57,7 +65,7 @@ def test_floor_clamps_variance():
     rng = np.random.default_rng(2)
     X = np.column_stack([rng.normal(size=300), np.full(300, 1.5)]).astype(np.float32)  # zero-variance dim
     g = DiagGMM(2, var_floor=0.01, n_heldout=0, min_count=0)
-    g.set_params_([0.5, 0.5], [[-1, 1.5], [1, 1.5]], [[1, 1], [1, 1]])
+    g = with_params(g, [0.5, 0.5], [[-1, 1.5], [1, 1.5]], [[1, 1], [1, 1]])
     for _ in range(3):
         g.em_step(X)
     assert np.all(g.variances_[:, 1] == 0.01)
@@ -71,7 +79,7 @@ def test_em_never_lowers_likelihood(seed):
     K = int(rng.integers(1, 7))
     X = blobs(seed, n_per=60)
     g = DiagGMM(K, var_floor=1e-3, min_count=0, n_heldout=0, batch_size=128, dot_dtype="float64")
-    g.set_params_(rng.dirichlet(np.ones(K)), X[rng.choice(len(X), K, replace=False)], rng.uniform(0.2, 3, (K, 3)))
+    g = with_params(g, rng.dirichlet(np.ones(K)), X[rng.choice(len(X), K, replace=False)], rng.uniform(0.2, 3, (K, 3)))
     prev = g.score_samples(X).mean()
     for _ in range(6):
         rec = g.em_step(X)
@@ -86,7 +94,7 @@ def test_float32_and_float64_inputs_agree():
     res = []
     for dtype in (np.float32, np.float64):
         g = DiagGMM(3, n_heldout=0, min_count=0)
-        g.set_params_(np.ones(3) / 3, [[0, 0, 0], [3, 0, 0], [0, 3, 0]], np.ones((3, 3)))
+        g = with_params(g, np.ones(3) / 3, [[0, 0, 0], [3, 0, 0], [0, 3, 0]], np.ones((3, 3)))
         for _ in range(4):
             g.em_step(X.astype(dtype))
         res.append((g.score_samples(X.astype(dtype)), g.means_, g.variances_))
@@ -99,8 +107,8 @@ def test_pruning_error_is_bounded():
     K = 256
     X = blobs(13, n_per=100)
     w, m, v = rng.dirichlet(np.ones(K)), X[rng.choice(len(X), K, replace=False)], rng.uniform(0.05, 4, (K, 3))
-    pruned = DiagGMM(K, n_heldout=0, dot_dtype="float64").set_params_(w, m, v)
-    exact = DiagGMM(K, n_heldout=0, dot_dtype="float64", prune_tol=1e-300).set_params_(w, m, v)  # no pruning
+    pruned = with_params(DiagGMM(K, n_heldout=0, dot_dtype="float64"), w, m, v)
+    exact = with_params(DiagGMM(K, n_heldout=0, dot_dtype="float64", prune_tol=1e-300), w, m, v)  # no pruning
     d = exact.score_samples(X) - pruned.score_samples(X)
     assert (d >= -1e-12).all() and d.max() < 1e-10
     np.testing.assert_allclose(pruned.predict_proba(X), exact.predict_proba(X), atol=1e-10)
@@ -110,7 +118,7 @@ def test_pruning_error_is_bounded():
 
 
 def test_far_frames_are_finite():
-    g = DiagGMM(2, n_heldout=0).set_params_([0.3, 0.7], [[0, 0], [1, 1]], [[1, 1], [0.5, 2]])
+    g = with_params(DiagGMM(2, n_heldout=0), [0.3, 0.7], [[0, 0], [1, 1]], [[1, 1], [0.5, 2]])
     X = np.array([[1e5, -1e5], [3e6, 0], [0.5, 0.5]], np.float32)
     ll = g.score_samples(X)
     P = g.predict_proba(X)
@@ -124,7 +132,7 @@ def test_zero_occupancy_component_is_reseeded_by_split():
     X = blobs(4, n_per=100)[:, :2]
     g = DiagGMM(3, n_heldout=0, min_count=5, split_eps=0.2)
     # component 2 sits far away: it gets (numerically) zero occupancy
-    g.set_params_([0.5, 0.49, 0.01], [[0, 0], [4, 0], [1e3, 1e3]], np.ones((3, 2)))
+    g = with_params(g, [0.5, 0.49, 0.01], [[0, 0], [4, 0], [1e3, 1e3]], np.ones((3, 2)))
     with np.errstate(all="raise"):  # nothing divided by zero
         rec = g.em_step(X)
     assert rec["reseeded"] == 1 and g.reseeded_ == 1
@@ -141,7 +149,7 @@ def test_zero_occupancy_component_is_reseeded_by_split():
 def test_zero_occupancy_without_reseed_keeps_weight_zero():
     X = blobs(5, n_per=50)[:, :2]
     g = DiagGMM(2, n_heldout=0, min_count=0, reseed=False)
-    g.set_params_([1.0, 0.0], [[0, 0], [1, 1]], np.ones((2, 2)))
+    g = with_params(g, [1.0, 0.0], [[0, 0], [1, 1]], np.ones((2, 2)))
     with np.errstate(all="raise"):
         g.em_step(X)
     assert g.weights_[1] == 0.0 and np.isfinite(g.score_samples(X)).all()
@@ -150,7 +158,7 @@ def test_zero_occupancy_without_reseed_keeps_weight_zero():
 
 def test_k1_is_the_sample_mean_and_variance():
     X = blobs(6)
-    g = DiagGMM(1, var_floor=1e-6, n_heldout=0, batch_size=50).set_params_([1.0], [[9, 9, 9]], [[1, 1, 1]])
+    g = with_params(DiagGMM(1, var_floor=1e-6, n_heldout=0, batch_size=50), [1.0], [[9, 9, 9]], [[1, 1, 1]])
     g.em_step(X)
     np.testing.assert_allclose(g.means_[0], X.astype(np.float64).mean(0), rtol=1e-10)
     np.testing.assert_allclose(g.variances_[0], X.astype(np.float64).var(0), rtol=1e-8)
@@ -183,7 +191,7 @@ def test_init_from_codebook():
 def test_fit_with_codebook_improves_heldout_and_records_history():
     X = blobs(8, n_per=300)
     C = X[:4]
-    g = DiagGMM(4, max_iter=5, n_heldout=500, batch_size=256).fit(X, codebook=C)
+    g = DiagGMM(4, max_iter=5, n_heldout=500, batch_size=256, means_init=C).fit(X)
     ho = [r["heldout_loglik"] for r in g.history_]
     assert [r["iteration"] for r in g.history_] == list(range(6))
     assert ho[-1] > ho[0] and all(np.isfinite(ho))
@@ -203,11 +211,11 @@ def test_fit_from_scratch_uses_lbg():
 def test_gselect_close_to_exact_and_top1_is_hard_em():
     X = blobs(9, n_per=200)
     C = np.array([[0, 0, 0], [4, 0, 1], [0, 5, -2], [-3, -3, 3]], np.float32)
-    a = DiagGMM(4, max_iter=4, n_heldout=400).fit(X, codebook=C)
-    b = DiagGMM(4, max_iter=4, n_heldout=400, gselect=2).fit(X, codebook=C)
+    a = DiagGMM(4, max_iter=4, n_heldout=400, means_init=C).fit(X)
+    b = DiagGMM(4, max_iter=4, n_heldout=400, gselect=2, means_init=C).fit(X)
     assert abs(a.history_[-1]["heldout_loglik"] - b.history_[-1]["heldout_loglik"]) < 1e-3
     # gselect = 1: every frame goes wholly to its best component (hard / Viterbi EM)
-    h = DiagGMM(4, n_heldout=0, gselect=1, min_count=0).set_params_(a.weights_, a.means_, a.variances_)
+    h = with_params(DiagGMM(4, n_heldout=0, gselect=1, min_count=0), a.weights_, a.means_, a.variances_)
     lab = a.predict(X)  # exact posteriors' argmax = top-1 component
     h.em_step(X)
     for j in range(4):
@@ -216,26 +224,26 @@ def test_gselect_close_to_exact_and_top1_is_hard_em():
 
 def test_predict_proba_matches_reference_and_refuses_huge():
     X = blobs(10)[:50]
-    g = DiagGMM(3, n_heldout=0).set_params_([0.2, 0.3, 0.5], [[0, 0, 0], [4, 0, 1], [0, 5, -2]], np.ones((3, 3)))
+    g = with_params(DiagGMM(3, n_heldout=0), [0.2, 0.3, 0.5], [[0, 0, 0], [4, 0, 1], [0, 5, -2]], np.ones((3, 3)))
     L = np.log(g.weights_) - 0.5 * np.log(2 * np.pi * g.variances_).sum(1) \
         - 0.5 * (((X[:, None].astype(np.float64) - g.means_) ** 2) / g.variances_).sum(-1)
     P = np.exp(L - L.max(1, keepdims=True))
     P /= P.sum(1, keepdims=True)
     np.testing.assert_allclose(g.predict_proba(X), P, atol=1e-6)
     big = DiagGMM(4096, n_heldout=0)
-    big.set_params_(np.ones(4096), np.zeros((4096, 1)), np.ones((4096, 1)))
+    big = with_params(big, np.ones(4096), np.zeros((4096, 1)), np.ones((4096, 1)))
     with pytest.raises(ValueError, match="predict_proba"):
         big.predict_proba(np.zeros((2 ** 16, 1), np.float32))
 
 
 def test_validation_messages():
-    g = DiagGMM(2).set_params_([0.5, 0.5], [[0, 0], [1, 1]], [[1, 1], [1, 1]])
-    with pytest.raises(ValueError, match="dim 3"):
+    g = with_params(DiagGMM(2), [0.5, 0.5], [[0, 0], [1, 1]], [[1, 1], [1, 1]])
+    with pytest.raises(ValueError, match="X has 3 features, but DiagGMM is expecting 2"):
         g.score_samples(np.zeros((4, 3), np.float32))
     with pytest.raises(ValueError, match="NaN"):
         g.score_samples(np.array([[np.nan, 0]], np.float32))
-    with pytest.raises(ValueError, match="variances must be > 0"):
-        DiagGMM(1).set_params_([1], [[0]], [[0]])
+    with pytest.raises(ValueError, match="field 'variances' must be > 0"):
+        with_params(DiagGMM(1), [1], [[0]], [[0]])
     with pytest.raises(ValueError, match="n_components"):
         DiagGMM(5).fit(np.zeros((3, 2), np.float32))
 
@@ -256,26 +264,26 @@ def test_run_gmm_files_resume_and_load(tmp_path):
     cb.mkdir()
     np.save(cb / "codebook.npy", np.array([[0, 0, 0], [4, 0, 1], [0, 5, -2], [-3, -3, 3]], np.float32))
     out = tmp_path / "out"
-    s = run_gmm(store, cb, out, iters=2, quiet=True, n_heldout=300)
+    s = run_gmm(store, cb, out, iters=2, verbose=0, n_heldout=300)
     assert s["iterations"] == 2 and np.isfinite(s["heldout_loglik"])
-    for f in ("gmm.npz", "history.csv", "history.png"):
+    for f in ("gmm.npz", "gmm_history.csv", "gmm_history.png", "gmm_config.json"):
         assert (out / f).stat().st_size > 0
     assert not list(out.glob("*.tmp*"))
-    rows = list(csv.DictReader(open(out / "history.csv")))
+    rows = list(csv.DictReader(open(out / "gmm_history.csv")))
     assert [int(r["iteration"]) for r in rows] == [0, 1, 2]
     # resume continues to 4 iterations and gives the same model as 4 straight iterations
-    s2 = run_gmm(store, cb, out, iters=4, resume=True, quiet=True, n_heldout=300)
+    s2 = run_gmm(store, cb, out, iters=4, resume=True, verbose=0, n_heldout=300)
     assert s2["iterations"] == 4
-    rows = list(csv.DictReader(open(out / "history.csv")))
+    rows = list(csv.DictReader(open(out / "gmm_history.csv")))
     assert [int(r["iteration"]) for r in rows] == [0, 1, 2, 3, 4]
-    run_gmm(store, cb, tmp_path / "straight", iters=4, quiet=True, n_heldout=300)
+    run_gmm(store, cb, tmp_path / "straight", iters=4, verbose=0, n_heldout=300)
     a, b = load_gmm(out), load_gmm(tmp_path / "straight")
     np.testing.assert_allclose(a.means_, b.means_, rtol=1e-12)
     np.testing.assert_allclose(a.variances_, b.variances_, rtol=1e-12)
     assert a.n_iter_ == 4
     np.testing.assert_allclose(a.score_samples(X).mean(), s2["train_loglik"], rtol=0.05)
     # the aligner's reader accepts the file
-    from streamq.align import load_model
+    from streamq.artifacts import load_model
 
     gs = load_model(out)
     np.testing.assert_allclose(np.asarray(gs.means), a.means_)
@@ -286,16 +294,16 @@ def test_run_gmm_bad_inputs(tmp_path):
     store = make_store(tmp_path, X)
     cb = tmp_path / "cb"
     cb.mkdir()
-    with pytest.raises(ValueError, match="codebook.npy not found"):
-        run_gmm(store, cb, tmp_path / "o1", iters=1, quiet=True)
+    with pytest.raises(ValueError, match="codebook.npy: not found"):
+        run_gmm(store, cb, tmp_path / "o1", iters=1, verbose=0)
     np.save(cb / "codebook.npy", np.zeros((4, 5), np.float32))
     with pytest.raises(ValueError, match="dim 5 != store dim 3"):
-        run_gmm(store, cb, tmp_path / "o2", iters=1, quiet=True)
+        run_gmm(store, cb, tmp_path / "o2", iters=1, verbose=0)
     np.save(cb / "codebook.npy", np.zeros((500, 3), np.float32))
     with pytest.raises(ValueError, match="500 components > 200 frames"):
-        run_gmm(store, cb, tmp_path / "o3", iters=1, quiet=True)
+        run_gmm(store, cb, tmp_path / "o3", iters=1, verbose=0)
     np.save(cb / "codebook.npy", np.array([[np.nan, 0, 0]], np.float32))
     with pytest.raises(ValueError, match="NaN"):
-        run_gmm(store, cb, tmp_path / "o4", iters=1, quiet=True)
+        run_gmm(store, cb, tmp_path / "o4", iters=1, verbose=0)
     with pytest.raises(ValueError, match="gmm.npz"):
         load_gmm(tmp_path / "nowhere")
