@@ -1,0 +1,174 @@
+#!/usr/bin/env python3
+"""Kill-anywhere soak: SIGKILL real streamq commands at seeded random moments, re-run each to completion,
+and check the result is byte-identical to an uninterrupted run.
+
+Each entry of ``CASES`` is one command: how to build its inputs, its command line, what to check after
+every kill (the partial output must open cleanly) and how to compare the final output with a clean run.
+A case may need the output of an earlier case (``needs``: e.g. ``fit`` reads the store that ``ingest``
+made); the clean outputs of earlier cases are its inputs. To cover a new command, add a ``Case``.
+
+Per case: one clean run (timed, wall W), then up to ``--kills`` runs each killed after a delay drawn
+uniformly from [0, W * --reach) by a seeded RNG (a run that ends before its kill time is left to
+finish), then one run to the end and the comparison.
+
+Usage::
+
+    python scripts/soak_kill.py                         # every case, 50 kills each, data/commonvoice_demo
+    python scripts/soak_kill.py --only ingest --kills 200 --seed 3 --corpus DIR --chunk-frames 256
+
+Prints, per case, kills made / survived (a kill survives when the partial output then opened cleanly and
+the final output is identical to the clean run) and exits 1 when any kill did not survive.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@dataclasses.dataclass
+class Ctx:
+    """What a case's functions get: the work directory, the options, and the clean outputs of earlier cases."""
+
+    work: Path
+    args: argparse.Namespace
+    clean: dict  # case name -> its clean output path
+
+
+@dataclasses.dataclass
+class Case:
+    name: str
+    argv: Callable[[Ctx, Path], list]           # the command line writing to OUT
+    compare: Callable[[Path, Path], str | None]  # (clean OUT, killed OUT) -> None when identical, else why not
+    check: Callable[[Path], str | None]          # partial OUT after a kill -> None when acceptable, else why not
+    needs: tuple = ()
+
+
+def streamq(*args) -> list:
+    return [sys.executable, "-m", "streamq.cli", *map(str, args), "--quiet"]
+
+
+# ------------------------------------------------------------------------------------------------ ingest
+def ingest_argv(ctx: Ctx, out: Path) -> list:
+    return streamq("ingest", ctx.args.corpus, out, "--chunk-frames", ctx.args.chunk_frames)
+
+
+def check_store(out: Path) -> str | None:
+    from streamq.store import FrameStore
+
+    if not (out / "zarr.json").exists():
+        return None  # killed before the store was renamed into place: nothing there is fine
+    try:
+        FrameStore.open(out)
+    except Exception as e:  # noqa: BLE001 - any failure to open is what the soak looks for
+        return f"{type(e).__name__}: {e}"
+    return None
+
+
+def compare_stores(a: Path, b: Path) -> str | None:
+    from streamq.store import FrameStore
+
+    A, B = FrameStore.open(a), FrameStore.open(b)
+    for name in ("ids", "transcripts", "speakers", "paths"):
+        if getattr(A, name) != getattr(B, name):
+            return f"{name} differ"
+    for name in ("offsets", "durations"):
+        if getattr(A, name).tobytes() != getattr(B, name).tobytes():
+            return f"{name} differ"
+    if A.read(0, A.n_frames).tobytes() != B.read(0, B.n_frames).tobytes():
+        return "frames differ"
+    return None
+
+
+CASES = [
+    Case("ingest", ingest_argv, compare_stores, check_store),
+    # the lead adds: Case("fit", ..., needs=("ingest",)), Case("gmm", ...), Case("align", ...)
+]
+
+
+# ------------------------------------------------------------------------------------------------ driver
+def soak(case: Case, ctx: Ctx, rng: np.random.Generator) -> dict:
+    base = ctx.work / case.name
+    base.mkdir()
+    clean, killed = base / "clean", base / "killed"
+    t0 = time.perf_counter()
+    r = subprocess.run(case.argv(ctx, clean), capture_output=True, text=True)
+    wall = time.perf_counter() - t0
+    if r.returncode != 0:
+        raise SystemExit(f"{case.name}: the clean run failed ({r.returncode}): {r.stderr.strip()[-500:]}")
+    ctx.clean[case.name] = clean
+    made, bad_checks, finished_early = 0, [], 0
+    for _ in range(ctx.args.kills):
+        p = subprocess.Popen(case.argv(ctx, killed), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        try:
+            _, err = p.communicate(timeout=float(rng.uniform(0.0, wall * ctx.args.reach)))
+            if p.returncode != 0:
+                bad_checks.append(f"an unkilled run failed ({p.returncode}): {err.decode().strip()[-300:]}")
+            finished_early += 1
+            continue
+        except subprocess.TimeoutExpired:
+            p.send_signal(signal.SIGKILL)
+            p.communicate()
+            made += 1
+        why = case.check(killed)
+        if why:
+            bad_checks.append(f"after kill {made}: {why}")
+    r = subprocess.run(case.argv(ctx, killed), capture_output=True, text=True)
+    final = None if r.returncode == 0 else f"the final run failed ({r.returncode}): {r.stderr.strip()[-300:]}"
+    final = final or case.compare(clean, killed)
+    survived = 0 if final else made - sum(1 for b in bad_checks if b.startswith("after kill"))
+    return {"case": case.name, "kills": made, "survived": survived, "runs_finished_before_kill": finished_early,
+            "clean_wall_s": wall, "final": final or "identical", "problems": bad_checks}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--kills", type=int, default=50, help="kill attempts per case (default 50)")
+    ap.add_argument("--seed", type=int, default=0, help="seed of the kill moments (default 0)")
+    ap.add_argument("--reach", type=float, default=0.3,
+                    help="kill delays are uniform in [0, reach x clean wall) (default 0.3)")
+    ap.add_argument("--corpus", type=Path, default=ROOT / "data" / "commonvoice_demo",
+                    help="ingest source (default data/commonvoice_demo)")
+    ap.add_argument("--chunk-frames", type=int, default=256, help="ingest --chunk-frames: small = frequent commits")
+    ap.add_argument("--only", nargs="*", default=None, help="case names to run (default: all)")
+    ap.add_argument("--keep", type=Path, default=None, help="work directory to keep (default: a temporary one)")
+    a = ap.parse_args(argv)
+    work = a.keep or Path(tempfile.mkdtemp(prefix="streamq_soak_"))
+    work.mkdir(parents=True, exist_ok=True)
+    ctx, rng = Ctx(work, a, {}), np.random.default_rng(a.seed)
+    chosen = [c for c in CASES if a.only is None or c.name in a.only]
+    ok = True
+    try:
+        print(f"{'command':<10} {'kills':>6} {'survived':>9} {'finished':>9} {'clean s':>8}  final")
+        for case in chosen:
+            missing = [n for n in case.needs if n not in ctx.clean]
+            if missing:
+                raise SystemExit(f"{case.name}: needs the output of {', '.join(missing)}; run those cases too")
+            res = soak(case, ctx, rng)
+            ok &= res["survived"] == res["kills"] and res["final"] == "identical"
+            print(f"{res['case']:<10} {res['kills']:>6} {res['survived']:>9} {res['runs_finished_before_kill']:>9} "
+                  f"{res['clean_wall_s']:>8.1f}  {res['final']}", flush=True)
+            for p in res["problems"][:10]:
+                print(f"    {p}")
+    finally:
+        if a.keep is None:
+            shutil.rmtree(work, ignore_errors=True)
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    sys.exit(main())
