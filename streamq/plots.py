@@ -224,9 +224,28 @@ def _read_csv(path) -> list[dict]:
         return [{k: conv(v) for k, v in r.items()} for r in csv.DictReader(f)]
 
 
+def find_file(directory, *names):
+    """The first of ``names`` that exists in ``directory`` (a Path), or None. Output files carry the command's
+    prefix (``fit_history.csv``, ``codebook_stages.npz``, ...); older runs wrote plain names (``history.csv``,
+    ``stages.npz``): readers list both, newest first."""
+    from pathlib import Path
+
+    for n in names:
+        p = Path(directory) / n
+        if p.exists():
+            return p
+    return None
+
+
 # ------------------------------------------------------------------ LBG: the codebook after each doubling
+STAGES_FILES = ("codebook_stages.npz", "stages.npz")
+FIT_HISTORY_FILES = ("fit_history.csv", "history.csv")
+
+
 def load_lbg_stages(fit_dir):
-    """The per-stage codebooks and history of an LBG fit directory (``streamq fit --method lbg``).
+    """The per-stage codebooks and history of an LBG fit directory (``streamq fit --method lbg``):
+    ``codebook_stages.npz`` (``ks`` int (S,), ``codebooks`` (sum ks, D)) and ``fit_history.csv`` (or the
+    older names ``stages.npz``, ``history.csv``).
 
     Returns
     -------
@@ -243,28 +262,43 @@ def load_lbg_stages(fit_dir):
     import numpy as np
 
     d = Path(fit_dir)
-    p = d / "stages.npz"
-    if not p.exists():
-        raise ValueError(f"{p}: not found; per-stage codebooks are written by `streamq fit --method lbg`")
-    with np.load(p) as z:
-        for f in ("ks", "codebooks"):
-            if f not in z.files:
-                raise ValueError(f"{p}: field '{f}' missing")
-        ks, C = np.asarray(z["ks"], np.int64).reshape(-1), np.asarray(z["codebooks"], np.float32)
+    p = find_file(d, *STAGES_FILES)
+    if p is None:
+        raise ValueError(f"{d / STAGES_FILES[0]}: not found; per-stage codebooks are written by "
+                         "`streamq fit --method lbg`")
+    z = _load_npz(p)
+    for f in ("ks", "codebooks"):
+        if f not in z:
+            raise ValueError(f"{p}: field '{f}' missing")
+    ks, C = np.asarray(z["ks"], np.int64).reshape(-1), np.asarray(z["codebooks"], np.float32)
     if ks.size == 0 or ks.min() < 1:
         raise ValueError(f"{p}: field 'ks' must hold positive codebook sizes, got {ks.tolist()}")
     if C.ndim != 2 or C.shape[0] != int(ks.sum()):
         raise ValueError(f"{p}: field 'codebooks' has shape {C.shape}, expected ({int(ks.sum())}, D) = (sum(ks), D)")
     ends = np.cumsum(ks)
     stages = [C[e - k:e] for k, e in zip(ks, ends)]
-    h = d / "history.csv"
-    if not h.exists():
-        raise ValueError(f"{h}: not found")
+    h = find_file(d, *FIT_HISTORY_FILES)
+    if h is None:
+        raise ValueError(f"{d / FIT_HISTORY_FILES[0]}: not found")
     records = _read_csv(h)
     for f in ("stage", "frames_seen", "loss", "entropy", "log_k", "utilisation"):
         if records and f not in records[0]:
             raise ValueError(f"{h}: column '{f}' missing")
     return ks, stages, records
+
+
+def _load_npz(path) -> dict:
+    """Every array of an .npz (no pickle); ValueError naming the file when it is damaged or not an .npz."""
+    import zipfile
+
+    import numpy as np
+
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            return {k: z[k] for k in z.files}
+    except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile) as e:
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise ValueError(f"{path}: cannot read ({msg}); damaged or not an .npz") from None
 
 
 def _nearest(X, C, block=4096):
@@ -664,18 +698,19 @@ def load_trace(path) -> dict:
     """
     import numpy as np
 
-    try:
-        with np.load(path, allow_pickle=False) as z:
-            missing = [f for f in TRACE_FIELDS if f not in z.files]
-            if missing:
-                raise ValueError(f"{path}: field '{missing[0]}' missing")
-            tr = {f: z[f] for f in TRACE_FIELDS}
-    except FileNotFoundError:
-        raise ValueError(f"{path}: not found; `streamq align --plot N` records traces for the first N utterances") \
-            from None
+    from pathlib import Path
+
+    if not Path(path).exists():
+        raise ValueError(f"{path}: not found; `streamq align --plot N` records traces for the first N utterances")
+    tr = _load_npz(path)
+    missing = [f for f in TRACE_FIELDS if f not in tr]
+    if missing:
+        raise ValueError(f"{path}: field '{missing[0]}' missing")
     n, T, S = tr["posteriors"].shape if tr["posteriors"].ndim == 3 else (None,) * 3
     if n is None:
         raise ValueError(f"{path}: field 'posteriors' must be (n_iter, T, S), got shape {tr['posteriors'].shape}")
+    if n == 0:
+        raise ValueError(f"{path}: no EM iterations recorded")
     for f, shape in (("paths", (n, T)), ("state_labels", (S,)), ("loglik", (n,))):
         if tr[f].shape != shape:
             raise ValueError(f"{path}: field '{f}' has shape {tr[f].shape}, expected {shape}")

@@ -1,8 +1,10 @@
 """``streamq report RUN_DIR``: one self-contained HTML page for a run directory of the demo's shape.
 
-RUN_DIR may hold any of ``store/`` (a frame store), ``compare/`` (history.csv and the two loss pictures),
-``codebook/`` (a fit directory; with ``stages.npz`` the LBG animation), ``gmm/`` (history.csv, history.png)
-and ``align/`` (summary.json, history.csv, unaligned.tsv, alignment_analysis.csv, traces/, plots/). A part
+RUN_DIR may hold any of ``store/`` (a frame store), ``compare/`` (compare_history.csv and the two loss
+pictures), ``codebook/`` (a fit directory; with ``codebook_stages.npz`` the LBG animation), ``gmm/``
+(gmm_history.csv, gmm_history.png) and ``align/`` (align_summary.json, align_history.csv, unaligned.tsv,
+alignment_analysis.csv, traces/, plots/). Runs written before the files had command prefixes (history.csv,
+stages.npz, config.json, summary.json, history.png) are read too. A part
 that is missing reads "not run"; a part that cannot be read says why, and the rest of the page still renders.
 Every image is embedded as a base64 ``data:`` URI, so the page can be mailed or opened anywhere.
 """
@@ -95,6 +97,12 @@ def _read_csv(path):
     return read(path)
 
 
+def find_file(d, *names):
+    from .plots import find_file as find
+
+    return find(d, *names)
+
+
 # ------------------------------------------------------------------ the sections
 def _store(d: Path, tmp: Path) -> str:
     from .store import FrameStore
@@ -115,9 +123,10 @@ def _store(d: Path, tmp: Path) -> str:
 
 
 def _compare(d: Path, tmp: Path) -> str:
-    if not (d / "history.csv").exists():
-        return _missing("compare/history.csv")
-    recs = _read_csv(d / "history.csv")
+    h = find_file(d, "compare_history.csv", "history.csv")
+    if h is None:
+        return _missing("compare/compare_history.csv")
+    recs = _read_csv(h)
     last = {}
     for r in recs:
         last[r["method"]] = r
@@ -130,37 +139,39 @@ def _compare(d: Path, tmp: Path) -> str:
 
 
 def _codebook(d: Path, tmp: Path, fps: float) -> str:
-    if not (d / "history.csv").exists():
-        return _missing("codebook/history.csv")
+    from .plots import FIT_HISTORY_FILES, STAGES_FILES, animate_lbg
+
+    h = find_file(d, *FIT_HISTORY_FILES)
+    if h is None:
+        return _missing(f"codebook/{FIT_HISTORY_FILES[0]}")
     parts = []
-    cfg = d / "config.json"
-    if cfg.exists():
+    cfg = find_file(d, "fit_config.json", "config.json")
+    if cfg is not None:
         c = json.loads(cfg.read_text())
         parts.append(_kv({k: v for k, v in c.items() if not isinstance(v, (dict, list))}))
-    recs = _read_csv(d / "history.csv")
+    recs = _read_csv(h)
     if recs:
         r = recs[-1]
         cols = [c for c in ("method", "stage", "k", "step", "frames_seen", "wall_seconds", "loss", "entropy", "log_k",
                             "utilisation", "dead", "repaired", "shifted", "imbalance") if c in r]
         parts += ["<h3>final record of history.csv</h3>", _table([r], cols, left=("method",))]
-    if (d / "stages.npz").exists():
-        from .plots import animate_lbg
-
+    if find_file(d, *STAGES_FILES) is not None:
         parts += ["<h3>LBG: the codebook after each split</h3>",
                   _img(animate_lbg(d, tmp / "lbg.gif", fps=max(1.0, fps / 2)), "LBG stages")]
     else:
-        parts.append('<p class="note">no stages.npz: no LBG animation (only `streamq fit --method lbg` keeps '
+        parts.append(f'<p class="note">no {STAGES_FILES[0]}: no LBG animation (only `streamq fit --method lbg` keeps '
                      'each stage)</p>')
     return "\n".join(parts)
 
 
 def _gmm(d: Path, tmp: Path) -> str:
-    if not (d / "history.csv").exists():
-        return _missing("gmm/history.csv")
-    recs = _read_csv(d / "history.csv")
+    h = find_file(d, "gmm_history.csv", "history.csv")
+    if h is None:
+        return _missing("gmm/gmm_history.csv")
+    recs = _read_csv(h)
     parts = ["<h3>EM iterations</h3>", _table(recs)]
-    parts.append(_img(d / "history.png", "gmm/history.png") if (d / "history.png").exists()
-                 else _missing("gmm/history.png"))
+    png = find_file(d, "gmm_history.png", "history.png")
+    parts.append(_img(png, f"gmm/{png.name}") if png is not None else _missing("gmm/gmm_history.png"))
     return "\n".join(parts)
 
 
@@ -186,11 +197,13 @@ def worst_utterances(align_dir, n):
 def _align(d: Path, tmp: Path, worst: int, fps: float) -> str:
     from .plots import animate_alignment, file_safe_id
 
-    if not (d / "summary.json").exists():
-        return _missing("align/summary.json")
-    parts = [_kv(json.loads((d / "summary.json").read_text()))]
-    if (d / "history.csv").exists():
-        parts += ["<h3>EM iterations</h3>", _table(_read_csv(d / "history.csv"))]
+    summary = find_file(d, "align_summary.json", "summary.json")
+    if summary is None:
+        return _missing("align/align_summary.json")
+    parts = [_kv(json.loads(summary.read_text()))]
+    h = find_file(d, "align_history.csv", "history.csv")
+    if h is not None:
+        parts += ["<h3>EM iterations</h3>", _table(_read_csv(h))]
     un = d / "unaligned.tsv"
     if un.exists():
         lines = [ln.split("\t", 1) for ln in un.read_text().splitlines()[1:] if ln.strip()]

@@ -36,8 +36,9 @@ def assert_lively(frames, moving=True):
 
 
 # ------------------------------------------------------------------ fixtures written to the data contracts
-def write_lbg_fit(d, ks=(1, 2, 4, 8, 16, 24), D=5, seed=0):
-    """A fit dir as `streamq fit --method lbg` writes it: history.csv and stages.npz (ks, codebooks).
+def write_lbg_fit(d, ks=(1, 2, 4, 8, 16, 24), D=5, seed=0, legacy=False):
+    """A fit dir as `streamq fit --method lbg` writes it: fit_history.csv and codebook_stages.npz (ks,
+    codebooks); ``legacy``: the older names history.csv and stages.npz.
 
     The codebooks follow the split layout of kernels.lloyd.split (codeword k -> k and K + k), with a last
     stage that splits only some codewords; history rows carry the stage, frames_seen and metrics."""
@@ -52,7 +53,8 @@ def write_lbg_fit(d, ks=(1, 2, 4, 8, 16, 24), D=5, seed=0):
         nxt = np.concatenate([prev, prev[idx] - delta])
         nxt[idx] += delta
         stages.append(nxt.astype(np.float32))
-    np.savez(d / "stages.npz", ks=np.array(ks, np.int64), codebooks=np.concatenate(stages))
+    np.savez(d / ("stages.npz" if legacy else "codebook_stages.npz"), ks=np.array(ks, np.int64),
+             codebooks=np.concatenate(stages))
     rows, step, seen = [], 0, 0
     for s, k in enumerate(ks):
         for j in range(3):
@@ -66,7 +68,7 @@ def write_lbg_fit(d, ks=(1, 2, 4, 8, 16, 24), D=5, seed=0):
     rows.append({**rows[-1], "step": step + 1, "frames_seen": seen + 5000, "loss": rows[-1]["loss"] * 0.9,
                  "pass": 1})
     cols = list(rows[0]) + ["pass"]
-    with open(d / "history.csv", "w", newline="") as f:
+    with open(d / ("history.csv" if legacy else "fit_history.csv"), "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=cols)
         w.writeheader()
         w.writerows(rows)
@@ -134,16 +136,23 @@ def test_animate_lbg_one_frame_per_stage(tmp_path):
     assert not list(tmp_path.glob(".*tmp*"))  # the temporary file was renamed
 
 
-def test_load_lbg_stages_names_the_bad_field(tmp_path):
-    fit, _ = write_lbg_fit(tmp_path / "fit")
+@pytest.mark.parametrize("legacy", [False, True])
+def test_load_lbg_stages_names_the_bad_field(tmp_path, legacy):
+    fit, written = write_lbg_fit(tmp_path / "fit", legacy=legacy)
     ks, stages, records = plots.load_lbg_stages(fit)
     assert ks.tolist() == [1, 2, 4, 8, 16, 24] and [len(s) for s in stages] == ks.tolist()
+    for a, b in zip(stages, written):
+        np.testing.assert_array_equal(a, b)
     assert records[-1]["pass"] == 1.0 and records[0]["pass"] is None
-    np.savez(fit / "stages.npz", ks=np.array([1, 2, 4]), codebooks=np.zeros((6, 5), np.float32))
-    with pytest.raises(ValueError, match=r"stages\.npz: field 'codebooks' has shape \(6, 5\), expected \(7, D\)"):
+    name = "stages.npz" if legacy else "codebook_stages.npz"
+    np.savez(fit / name, ks=np.array([1, 2, 4]), codebooks=np.zeros((6, 5), np.float32))
+    with pytest.raises(ValueError, match=rf"{name}: field 'codebooks' has shape \(6, 5\), expected \(7, D\)"):
         plots.load_lbg_stages(fit)
-    (fit / "stages.npz").unlink()
-    with pytest.raises(ValueError, match="stages.npz: not found"):
+    (fit / name).write_bytes(b"PK\x03\x04 damaged")
+    with pytest.raises(ValueError, match=rf"{name}: cannot read .*damaged or not an .npz"):
+        plots.load_lbg_stages(fit)
+    (fit / name).unlink()
+    with pytest.raises(ValueError, match="codebook_stages.npz: not found"):
         plots.load_lbg_stages(fit)
 
 
@@ -238,6 +247,9 @@ def test_alignment_trace_lookup_and_bad_fields(tmp_path):
     d["paths"] = d["paths"][:, :-1]
     np.savez(p, **d)
     with pytest.raises(ValueError, match=r"field 'paths' has shape \(2, 59\), expected \(2, 60\)"):
+        plots.load_trace(p)
+    np.savez(p, **{**d, "posteriors": d["posteriors"][:0], "paths": d["paths"][:0, :-1], "loglik": d["loglik"][:0]})
+    with pytest.raises(ValueError, match="no EM iterations recorded"):
         plots.load_trace(p)
     del d["loglik"]
     np.savez(p, **d)

@@ -32,8 +32,12 @@ def write_csv(path, rows):
         w.writerows(rows)
 
 
-def make_run(root, analysis=True):
-    """A run directory of scripts/demo's shape, every part written to its data contract with small arrays."""
+def make_run(root, analysis=True, legacy=False):
+    """A run directory of scripts/demo's shape, every part written to its data contract with small arrays;
+    ``legacy``: the file names before they carried the command's prefix (history.csv, summary.json, ...)."""
+    def name(new, old):
+        return old if legacy else new
+
     rng = np.random.default_rng(0)
     st = FrameStore.create(root / "store", dim=13, feature_config={"winlen": 0.025, "winstep": 0.01})
     st.append([{"id": f"u{i}", "frames": rng.normal(size=(50 + 10 * i, 13)).astype(np.float32),
@@ -42,25 +46,25 @@ def make_run(root, analysis=True):
     recs = [{"method": m, "stage": 0, "step": s, "k": 16, "frames_seen": 256 * s, "wall_seconds": 0.1 * s + j,
              "loss": 5.0 / (1 + s) + j, "entropy": 2.0 + 0.1 * s, "log_k": np.log(16), "utilisation": 0.9,
              "dead": 0} for j, m in enumerate(("random", "lloyd", "lbg")) for s in range(1, 6)]
-    write_csv(root / "compare" / "history.csv", recs)
+    write_csv(root / "compare" / name("compare_history.csv", "history.csv"), recs)
     plots.plot_compare(recs, root / "compare")
-    write_lbg_fit(root / "codebook")
-    (root / "codebook" / "config.json").write_text(json.dumps({"k": 24, "method": "lbg", "seed": 0}))
+    write_lbg_fit(root / "codebook", legacy=legacy)
+    (root / "codebook" / name("fit_config.json", "config.json")).write_text(json.dumps({"k": 24, "method": "lbg", "seed": 0}))
     (root / "gmm").mkdir()
     g = [{"iteration": i, "frames": 1000, "train_loglik": -20 + i, "heldout_loglik": -20.5 + i, "reseeded": int(i == 2),
           "min_occupancy": 3.0, "em_seconds": 0.1, "seconds": 0.2 * i} for i in range(5)]
-    write_csv(root / "gmm" / "history.csv", g)
-    plots.plot_gmm_history(g, root / "gmm" / "history.png")
+    write_csv(root / "gmm" / name("gmm_history.csv", "history.csv"), g)
+    plots.plot_gmm_history(g, root / "gmm" / name("gmm_history.png", "history.png"))
     a = root / "align"
     a.mkdir()
-    (a / "summary.json").write_text(json.dumps({"utterances": 4, "aligned": 3, "unaligned": 1, "iterations": 3,
+    (a / name("align_summary.json", "summary.json")).write_text(json.dumps({"utterances": 4, "aligned": 3, "unaligned": 1, "iterations": 3,
                                                 "loglik_per_frame": -51.2}))
-    write_csv(a / "history.csv", [{"iteration": i, "loglik": -1000 + i, "loglik_per_frame": -52 + i} for i in range(3)])
+    write_csv(a / name("align_history.csv", "history.csv"), [{"iteration": i, "loglik": -1000 + i, "loglik_per_frame": -52 + i} for i in range(3)])
     (a / "unaligned.tsv").write_text("utterance_id\treason\nu3\ttoo few frames for the transcript\n")
     for i, uid in enumerate(("u0", "u1")):
         write_trace(a, uid, n_iter=3, T=50 + 10 * i, seed=i)
     (a / "plots").mkdir()
-    shutil.copy(root / "gmm" / "history.png", a / "plots" / "u2.png")  # a static picture, no trace
+    shutil.copy(root / "gmm" / name("gmm_history.png", "history.png"), a / "plots" / "u2.png")  # a static picture, no trace
     if analysis:
         write_csv(a / "alignment_analysis.csv",
                   [{"id": "u0", "loglik_per_frame": -50.0, "flagged": 0},
@@ -112,11 +116,16 @@ def test_report_says_not_run_for_missing_parts(tmp_path):
     assert page.count("not run") == 5 and not images(page)
     make_run(tmp_path / "r", analysis=False)
     shutil.rmtree(tmp_path / "r" / "gmm")
-    (tmp_path / "r" / "codebook" / "stages.npz").write_bytes(b"not a zip")
+    (tmp_path / "r" / "codebook" / "codebook_stages.npz").write_bytes(b"not a zip")
     page = open(write_report(tmp_path / "r", worst=5), encoding="utf-8").read()
-    assert page.count("not run") == 1 and "gmm/history.csv not found" in page
+    assert page.count("not run") == 1 and "gmm/gmm_history.csv not found" in page
     assert "unreadable" in page  # the damaged stages.npz: that section says so, the rest still renders
     assert "no alignment_analysis.csv" in page and page.count("data:image/gif") == 2  # the two traced ones
+
+
+def test_report_reads_runs_with_the_older_file_names(tmp_path):
+    page = open(write_report(make_run(tmp_path, legacy=True), worst=3), encoding="utf-8").read()
+    assert len(images(page)) == 7 and "not run" not in page and "unreadable" not in page
 
 
 def test_report_cli_prints_the_path(run_dir, tmp_path, capsys):
