@@ -297,3 +297,18 @@ def test_loglik_offset_scale_table(offset, scale):
     rt, rn, rf, rs, _, _ = naive.gmm_stats(X, w, mu, var, shift)
     assert abs(tot - rt) <= 1e-5 * abs(rt) + 1e-4 * len(X)
     np.testing.assert_allclose(n, rn, rtol=1e-4, atol=1e-3)
+
+
+def test_exp_kernel_below_domain_is_tiny_not_garbage():
+    x = np.array([-708.0, -709.0, -1e5, -1e300, 0.0])
+    out = np.empty_like(x)
+    k._exp_nonpos(x, out, np.empty_like(x), len(x))
+    assert np.isfinite(out).all() and (out[:4] >= 0).all() and (out[:4] <= 1e-307).all() and out[4] == 1.0
+
+
+def test_far_shift_violating_the_contract_stays_finite():
+    """shift = 0 on data at 1e4 (scale 1e-2) is imprecise with float32 W, but never NaN or an exception."""
+    X, w, mu, var = gmm_case(1e4, 1e-2, N=500, K=8, D=5)
+    shift, const, W = prep(w, mu, var, np.float32, shift=np.zeros(5))
+    ll = k.diag_gmm_loglik(X, shift, const, W, 2, 64, PRUNE, 0)
+    assert np.isfinite(ll).all()
