@@ -245,10 +245,18 @@ def writer_lock(path):
         raise StoreError(f"{path}: another streamq process is writing to this store ({lp.name} is locked); "
                          "wait for it to finish or stop it") from None
     try:
+        _remove_litter(Path(path))
         yield
     finally:
         fcntl.flock(f, fcntl.LOCK_UN)
         f.close()
+
+
+def _remove_litter(path: Path) -> None:
+    """Delete temporary files of Zarr writes killed mid-way (zarr warns about them on every listing).
+    Only the lock holder may: a live writer's temporary files look the same."""
+    for p in list(path.glob("*.partial")) + list(path.glob("*/*.partial")):
+        p.unlink(missing_ok=True)
 
 
 def _write_json_atomic(path: Path, obj) -> None:
@@ -368,10 +376,7 @@ class FrameStore(FrameSource):
             raise StoreError(f"{path}: store format {fmt} (streamq 0.1) opens read-only; to append, upgrade it "
                              f"in place with: python -c \"from streamq.store import FrameStore; "
                              f"FrameStore.upgrade('{path}')\"")
-        store = cls(path, g, writable=mode != "r")
-        if store.writable:
-            store._remove_litter()
-        return store
+        return cls(path, g, writable=mode != "r")
 
     @classmethod
     def upgrade(cls, path) -> "FrameStore":
@@ -411,11 +416,6 @@ class FrameStore(FrameSource):
             _write_json_atomic(meta_path, meta)  # the switch to format 2: one atomic write
             (path / ".writer.lock").unlink(missing_ok=True)
         return cls.open(path, mode="a")
-
-    def _remove_litter(self) -> None:
-        """Delete temporary files of Zarr writes killed mid-way (zarr warns about them on every listing)."""
-        for p in list(self.path.glob("*.partial")) + list(self.path.glob("*/*.partial")):
-            p.unlink(missing_ok=True)
 
     def _reload(self):
         a = self.group.attrs.asdict()
