@@ -330,11 +330,14 @@ class Aligner(BaseEstimator):
                             [labels[u] for u in ch.units], gamma)
 
     def align_corpus(self, indices=None, posteriors=()):
-        """Yield (index, Alignment or None) for the fitted corpus, in order (None: see ``unaligned_``)."""
+        """An iterator of (index, Alignment or None) over the fitted corpus, in order (None: see
+        ``unaligned_``). Raises NotFittedError before ``fit``."""
         check_is_fitted(self, "unit_weights_")
         corpus = self.corpus_
         indices = range(corpus.n) if indices is None else sorted(indices)
-        post = set(posteriors)
+        return self._decoded(corpus, indices, set(posteriors))
+
+    def _decoded(self, corpus, indices, post):
         for i, a in self._map(lambda i, X: self._decode(i, X, i in post), corpus, indices):
             if a is None and i not in self.unaligned_:
                 self.unaligned_[i] = "no finite path (every state sequence has zero probability)"
