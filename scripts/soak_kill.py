@@ -7,9 +7,10 @@ every kill (the partial output must open cleanly) and how to compare the final o
 A case may need the output of an earlier case (``needs``: e.g. ``fit`` reads the store that ``ingest``
 made); the clean outputs of earlier cases are its inputs. To cover a new command, add a ``Case``.
 
-Per case: one clean run (timed, wall W), then up to ``--kills`` runs each killed after a delay drawn
-uniformly from [0, W * --reach) by a seeded RNG (a run that ends before its kill time is left to
-finish), then one run to the end and the comparison.
+Per case: one clean run (timed, wall W), then ``--kills`` runs each killed after a delay drawn
+uniformly from [0, W * --reach) by a seeded RNG. A run that ends before its kill time ends a round: its
+output is compared with the clean run and removed, and the next run starts from nothing. The last round
+is run to the end.
 
 Usage::
 
@@ -17,7 +18,8 @@ Usage::
     python scripts/soak_kill.py --only ingest --kills 200 --seed 3 --corpus DIR --chunk-frames 256
 
 Prints, per case, kills made / survived (a kill survives when the partial output then opened cleanly and
-the final output is identical to the clean run) and exits 1 when any kill did not survive.
+its round's final output is identical to the clean run) and rounds, and exits 1 when any kill did not
+survive.
 """
 
 from __future__ import annotations
@@ -100,7 +102,17 @@ CASES = [
 
 
 # ------------------------------------------------------------------------------------------------ driver
+def reset(out: Path) -> None:
+    """Remove an output and its siblings (OUT.lock, OUT.rejects.tsv, .OUT.creating-*)."""
+    shutil.rmtree(out, ignore_errors=True)
+    for p in list(out.parent.glob(out.name + ".*")) + list(out.parent.glob("." + out.name + ".*")):
+        shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+
+
 def soak(case: Case, ctx: Ctx, rng: np.random.Generator) -> dict:
+    """Kill runs of ``case`` into one output until a run completes; compare it with the clean run; start a
+    new round from nothing; repeat for ``--kills`` attempts. A kill survives when the partial output then
+    passed ``check`` and its round ended identical to the clean run."""
     base = ctx.work / case.name
     base.mkdir()
     clean, killed = base / "clean", base / "killed"
@@ -110,28 +122,41 @@ def soak(case: Case, ctx: Ctx, rng: np.random.Generator) -> dict:
     if r.returncode != 0:
         raise SystemExit(f"{case.name}: the clean run failed ({r.returncode}): {r.stderr.strip()[-500:]}")
     ctx.clean[case.name] = clean
-    made, bad_checks, finished_early = 0, [], 0
+    made = survived = rounds = 0
+    pending, pending_ok, problems = 0, 0, []
+
+    def end_round(rc, err):
+        nonlocal survived, rounds, pending, pending_ok
+        why = f"a run failed ({rc}): {err.strip()[-300:]}" if rc != 0 else case.compare(clean, killed)
+        if why:
+            problems.append(f"round {rounds + 1} ({pending} kills): {why}")
+        else:
+            survived += pending_ok
+        rounds += 1
+        pending = pending_ok = 0
+        reset(killed)
+
     for _ in range(ctx.args.kills):
         p = subprocess.Popen(case.argv(ctx, killed), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         try:
             _, err = p.communicate(timeout=float(rng.uniform(0.0, wall * ctx.args.reach)))
-            if p.returncode != 0:
-                bad_checks.append(f"an unkilled run failed ({p.returncode}): {err.decode().strip()[-300:]}")
-            finished_early += 1
+            end_round(p.returncode, err.decode())
             continue
         except subprocess.TimeoutExpired:
             p.send_signal(signal.SIGKILL)
             p.communicate()
-            made += 1
+        made += 1
+        pending += 1
         why = case.check(killed)
         if why:
-            bad_checks.append(f"after kill {made}: {why}")
-    r = subprocess.run(case.argv(ctx, killed), capture_output=True, text=True)
-    final = None if r.returncode == 0 else f"the final run failed ({r.returncode}): {r.stderr.strip()[-300:]}"
-    final = final or case.compare(clean, killed)
-    survived = 0 if final else made - sum(1 for b in bad_checks if b.startswith("after kill"))
-    return {"case": case.name, "kills": made, "survived": survived, "runs_finished_before_kill": finished_early,
-            "clean_wall_s": wall, "final": final or "identical", "problems": bad_checks}
+            problems.append(f"kill {made}: {why}")
+        else:
+            pending_ok += 1
+    if pending:
+        r = subprocess.run(case.argv(ctx, killed), capture_output=True, text=True)
+        end_round(r.returncode, r.stderr)
+    return {"case": case.name, "kills": made, "survived": survived, "rounds": rounds, "clean_wall_s": wall,
+            "final": "identical" if not problems else f"{len(problems)} problems", "problems": problems}
 
 
 def main(argv=None) -> int:
@@ -152,14 +177,14 @@ def main(argv=None) -> int:
     chosen = [c for c in CASES if a.only is None or c.name in a.only]
     ok = True
     try:
-        print(f"{'command':<10} {'kills':>6} {'survived':>9} {'finished':>9} {'clean s':>8}  final")
+        print(f"{'command':<10} {'kills':>6} {'survived':>9} {'rounds':>7} {'clean s':>8}  final")
         for case in chosen:
             missing = [n for n in case.needs if n not in ctx.clean]
             if missing:
                 raise SystemExit(f"{case.name}: needs the output of {', '.join(missing)}; run those cases too")
             res = soak(case, ctx, rng)
             ok &= res["survived"] == res["kills"] and res["final"] == "identical"
-            print(f"{res['case']:<10} {res['kills']:>6} {res['survived']:>9} {res['runs_finished_before_kill']:>9} "
+            print(f"{res['case']:<10} {res['kills']:>6} {res['survived']:>9} {res['rounds']:>7} "
                   f"{res['clean_wall_s']:>8.1f}  {res['final']}", flush=True)
             for p in res["problems"][:10]:
                 print(f"    {p}")
