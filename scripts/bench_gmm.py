@@ -61,6 +61,7 @@ def bench_small(args):
     from sklearn.mixture import GaussianMixture
     from sklearn.mixture._gaussian_mixture import _compute_precision_cholesky, _estimate_gaussian_parameters
 
+    from streamq.artifacts import Gaussians
     from streamq.gmm import DiagGMM
 
     N, K, D = args.frames, args.k, 13
@@ -74,7 +75,7 @@ def bench_small(args):
                      ("streamq fp64-GEMM", dict(dot_dtype="float64")),
                      ("streamq gselect=32", dict(gselect=32)),
                      ("streamq gselect=8", dict(gselect=8))]:
-        g = DiagGMM(K, n_heldout=0, batch_size=65536, **kw).set_params_(w, m, v)
+        g = DiagGMM.from_gaussians(Gaussians.checked(w, m, v), n_heldout=0, batch_size=65536, **kw)
         g.accumulate(X[:2000])  # compile / warm up
         res[name] = median_time(lambda: g.accumulate(X), args.repeats)
 
@@ -103,7 +104,7 @@ def bench_small(args):
     print(f"\nEM from the same init, 5 iterations on the {N:,} frames, held-out = 20,000 other frames:")
     print(f"{'E-step':16s} {'held-out nats/frame':>20s} {'s / iteration':>14s}")
     for gs in (None, 32, 8, 2):
-        g = DiagGMM(K, n_heldout=0, batch_size=65536, gselect=gs, min_count=1).set_params_(w, m, v)
+        g = DiagGMM.from_gaussians(Gaussians.checked(w, m, v), n_heldout=0, batch_size=65536, gselect=gs, min_count=1)
         for _ in range(5):
             g.em_step(X)
         ts = [r["em_seconds"] for r in g.history_]
@@ -155,6 +156,7 @@ def make_big_store(path, n, d, seed=0):
 
 
 def bench_big(args):
+    from streamq.artifacts import Gaussians
     from streamq.gmm import DiagGMM
     from streamq.store import FrameStore
 
@@ -171,8 +173,8 @@ def bench_big(args):
     print(f"{'E-step':16s} {'s/iter (sub)':>13s} {'us/frame':>9s} {'extrap. s/iter (11M)':>21s} "
           f"{'peak RSS MB':>12s} {'held-out':>9s}")
     for gs in (None, 64, 8):
-        g = DiagGMM(K, n_heldout=20000, batch_size=65536, gselect=gs, subsample=sub, min_count=1,
-                    quiet=True).set_params_(w, init, v)
+        g = DiagGMM.from_gaussians(Gaussians.checked(w, init, v), n_heldout=20000, batch_size=65536, gselect=gs, subsample=sub, min_count=1,
+                    verbose=0)
         g.set_heldout(st)
         g.accumulate(init[:256])  # compile / warm up
         with PeakRSS() as mem:
@@ -183,8 +185,8 @@ def bench_big(args):
               f"{t / sub * N:21.0f} {mem.peak / 2**20:12.0f} {g.history_[-1]['heldout_loglik']:9.3f}")
     if args.big_full is not None:
         gs = args.big_full or None
-        g = DiagGMM(K, n_heldout=20000, batch_size=65536, gselect=gs, min_count=1,
-                    quiet=False).set_params_(w, init, v)
+        g = DiagGMM.from_gaussians(Gaussians.checked(w, init, v), n_heldout=20000, batch_size=65536, gselect=gs, min_count=1,
+                    verbose=1)
         g.set_heldout(st)
         g.accumulate(init[:256])
         with PeakRSS() as mem:

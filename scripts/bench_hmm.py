@@ -93,16 +93,16 @@ def bench_kernels(T, S, repeats, hmm_repeats):
 def bench_align(store, model, iters, jobs, repeats):
     import tempfile
 
-    from streamq.align import run_align
+    from streamq.pipelines import run_align
     from streamq.store import FrameStore
 
     hours = float(FrameStore.open(store).durations.sum()) / 3600
     with tempfile.TemporaryDirectory() as d:
-        run_align(store, model, d + "/warm", iters=1, jobs=jobs, quiet=True)  # compile caches
+        run_align(store, model, d + "/warm", iters=1, jobs=jobs, verbose=0)  # compile caches
         walls = []
         for r in range(repeats):
             t0 = time.perf_counter()
-            s = run_align(store, model, f"{d}/run{r}", iters=iters, jobs=jobs, quiet=True)
+            s = run_align(store, model, f"{d}/run{r}", iters=iters, jobs=jobs, verbose=0)
             walls.append(time.perf_counter() - t0)
     wall = float(np.median(walls))
     return {"store": str(store), "audio_hours": hours, "iters": iters, "jobs": jobs, "wall_s": wall,

@@ -144,7 +144,7 @@ def make_methods(a, d):
         return m.codebook_, m
 
     def lloyd_long(X, k, seed):
-        m = MiniBatchLloyd(k, seed=seed, steps=a.long_steps).fit(X)
+        m = MiniBatchLloyd(k, seed=seed, max_steps=a.long_steps).fit(X)
         return m.codebook_, m
 
     def fk(X, k, seed):
