@@ -724,12 +724,25 @@ def load_trace(path) -> dict:
 
 
 def _state_ticks(labels):
-    """One tick per run of equal state labels (a symbol's states), at the run's first state."""
+    """One tick per symbol occurrence: a run of states with the same symbol, its label without the state
+    number (``t0 t1 t2`` -> ``t``; ``<sil>`` as is). A run ends where the symbol changes or the state number
+    does not increase (two e's in a row). Ticks sit at each run's middle state; at most 90 of them."""
+    import re
+
     ticks, names = [], []
-    for s, lab in enumerate(labels):
-        if s == 0 or lab != labels[s - 1]:
-            ticks.append(s)
-            names.append(str(lab))
+    start, prev_sym, prev_idx = 0, None, None
+    for s, lab in enumerate(list(labels) + [None]):
+        if lab is None:
+            sym, idx = None, None
+        else:
+            m = re.fullmatch(r"(.+?)(\d+)", str(lab)) if not str(lab).startswith("<") else None
+            sym, idx = (m.group(1), int(m.group(2))) if m else (str(lab), None)
+        new = s == len(labels) or sym != prev_sym or (idx is not None and prev_idx is not None and idx <= prev_idx)
+        if s > 0 and new:
+            ticks.append((start + s - 1) / 2)
+            names.append(prev_sym)
+            start = s
+        prev_sym, prev_idx = sym, idx
     if len(ticks) > 90:  # too many to read: every n-th
         keep = slice(None, None, -(-len(ticks) // 90))
         ticks, names = ticks[keep], names[keep]
@@ -747,16 +760,17 @@ def alignment_figure(trace, title=""):
     step = trace["frame_step"]
     X = np.asarray(trace["frames"], np.float64)
     t_end = T * step
-    fig = plt.figure(figsize=(max(9.0, min(16.0, T / 45)), 7.6))
-    gs = fig.add_gridspec(2, 2, height_ratios=[2.2, 1], width_ratios=[5, 1], hspace=0.3, wspace=0.18)
+    ticks, names = _state_ticks(labels)
+    # tall enough for one readable character label per symbol on the state axis
+    fig = plt.figure(figsize=(max(9.0, min(16.0, T / 45)), max(7.6, min(14.0, 3.4 + 0.13 * len(ticks)))))
+    gs = fig.add_gridspec(2, 2, height_ratios=[2.4, 1], width_ratios=[5, 1], hspace=0.25, wspace=0.18)
     a_post = fig.add_subplot(gs[0, 0])
     a_ll = fig.add_subplot(gs[0, 1])
     a_mf = fig.add_subplot(gs[1, 0], sharex=a_post)
     img = a_post.imshow(np.asarray(post[0], np.float32).T, aspect="auto", origin="lower", cmap="magma",
                         interpolation="nearest", extent=(0, t_end, -0.5, S - 0.5), vmin=0, vmax=1)
     tc = (np.arange(T) + 0.5) * step
-    (l_path,) = a_post.plot(tc, paths[0], color="cyan", lw=1.0, label="Viterbi path")
-    ticks, names = _state_ticks(labels)
+    (l_path,) = a_post.plot(tc, paths[0], color="cyan", lw=0.8, alpha=0.55, label="Viterbi path")
     a_post.set_yticks(ticks)
     a_post.set_yticklabels(names, fontsize=6 if len(ticks) > 40 else 8)
     a_post.set_ylabel("state (character)")

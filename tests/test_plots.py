@@ -259,7 +259,11 @@ def test_alignment_trace_lookup_and_bad_fields(tmp_path):
 
 def test_state_ticks_one_per_symbol():
     ticks, names = plots._state_ticks(["<sil>"] * 3 + ["a"] * 3 + ["b"] * 3 + ["a"] * 3)
-    assert ticks == [0, 3, 6, 9] and names == ["<sil>", "a", "b", "a"]
+    assert ticks == [1, 4, 7, 10] and names == ["<sil>", "a", "b", "a"]
+    # the aligner's labels carry the state number: a repeated letter is two symbols
+    labels = ["<sil>", "t0", "t1", "t2", "e0", "e1", "e2", "e0", "e1", "e2", "<sil>", "10", "11"]
+    ticks, names = plots._state_ticks(labels)
+    assert names == ["<sil>", "t", "e", "e", "<sil>", "1"] and ticks == [0, 2, 5, 8, 10, 11.5]
 
 
 # ------------------------------------------------------------------ formats
