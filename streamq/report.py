@@ -19,6 +19,8 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
+
 from .progress import log
 
 PARTS = ("store", "compare", "codebook", "gmm", "align")
@@ -155,6 +157,9 @@ def _codebook(d: Path, tmp: Path, fps: float) -> str:
         cols = [c for c in ("method", "stage", "k", "step", "frames_seen", "wall_seconds", "loss", "entropy", "log_k",
                             "utilisation", "dead", "repaired", "shifted", "imbalance") if c in r]
         parts += ["<h3>final record of history.csv</h3>", _table([r], cols, left=("method",))]
+    counts = find_file(d, "codebook_counts.npy", "counts.npy")
+    if counts is not None:
+        parts += ["<h3>codeword usage (codebook_counts.npy)</h3>", _kv(usage_stats(np.load(counts)))]
     if find_file(d, *STAGES_FILES) is not None:
         parts += ["<h3>LBG: the codebook after each split</h3>",
                   _img(animate_lbg(d, tmp / "lbg.gif", fps=max(1.0, fps / 2)), "LBG stages")]
@@ -162,6 +167,21 @@ def _codebook(d: Path, tmp: Path, fps: float) -> str:
         parts.append(f'<p class="note">no {STAGES_FILES[0]}: no LBG animation (only `streamq fit --method lbg` keeps '
                      'each stage)</p>')
     return "\n".join(parts)
+
+
+def usage_stats(counts) -> dict:
+    """Summary of per-codeword counts (frames won): K, used, share of frames held by the busiest 10 %,
+    usage entropy against log K, min / median / max."""
+    c = np.asarray(counts, np.float64).reshape(-1)
+    if c.size == 0 or not np.all(np.isfinite(c)) or (c < 0).any():
+        raise ValueError("codebook_counts.npy: expected finite non-negative counts")
+    total = float(c.sum())
+    p = c[c > 0] / total if total > 0 else np.zeros(0)
+    top = np.sort(c)[::-1][:max(1, int(np.ceil(0.1 * c.size)))].sum()
+    return {"codewords (K)": int(c.size), "used (count > 0)": int((c > 0).sum()), "frames counted": total,
+            "share of frames in the busiest 10 %": f"{top / total:.1%}" if total else "",
+            "usage entropy / log K": f"{float(-(p * np.log(p)).sum()):.3f} / {math.log(c.size):.3f}",
+            "count min / median / max": f"{c.min():g} / {np.median(c):g} / {c.max():g}"}
 
 
 def _gmm(d: Path, tmp: Path) -> str:

@@ -49,6 +49,7 @@ def make_run(root, analysis=True, legacy=False):
     write_csv(root / "compare" / name("compare_history.csv", "history.csv"), recs)
     plots.plot_compare(recs, root / "compare")
     write_lbg_fit(root / "codebook", legacy=legacy)
+    np.save(root / "codebook" / name("codebook_counts.npy", "counts.npy"), np.arange(24, dtype=np.float64))
     (root / "codebook" / name("fit_config.json", "config.json")).write_text(json.dumps({"k": 24, "method": "lbg", "seed": 0}))
     (root / "gmm").mkdir()
     g = [{"iteration": i, "frames": 1000, "train_loglik": -20 + i, "heldout_loglik": -20.5 + i, "reseeded": int(i == 2),
@@ -100,7 +101,21 @@ def test_report_is_self_contained_with_every_part(report, run_dir):
     worst = page[page.index("worst-scoring"):]
     assert worst.index(">u1<") < worst.index(">u2<") < worst.index(">u0<")
     assert "u3" in page  # listed among the unaligned
+    assert "codeword usage" in page and "276" in page  # sum of the counts 0..23
     assert page.count("data:image/gif") == 3  # LBG, u1 and u0 from traces; u2 has only its static PNG
+
+
+def test_usage_stats():
+    from streamq.report import usage_stats
+
+    u = usage_stats(np.array([0.0, 10, 10, 80, 0, 0, 0, 0, 0, 0, 0]))
+    assert u["codewords (K)"] == 11 and u["used (count > 0)"] == 3 and u["frames counted"] == 100
+    assert u["share of frames in the busiest 10 %"] == "90.0%"  # the top 2 of 11
+    H = -(0.1 * np.log(0.1) * 2 + 0.8 * np.log(0.8))
+    assert u["usage entropy / log K"] == f"{H:.3f} / {np.log(11):.3f}"
+    assert u["count min / median / max"] == "0 / 0 / 80"
+    with pytest.raises(ValueError, match="non-negative"):
+        usage_stats(np.array([1.0, -1.0]))
 
 
 def test_report_worst_ordering_and_count(run_dir):
