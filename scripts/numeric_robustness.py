@@ -2,55 +2,25 @@
 """Numeric robustness of the assignment and GMM kernels on uncentred, rescaled and hostile data (issue 9 item 6).
 
 Clustered float32 data is offset by 0 / 1e3 / 1e4 and scaled by 1e-3 .. 1e3; each kernel is compared with a
-float64 brute-force reference (tests/naive.py's formulas). Then a list of bad inputs and what each gets.
+float64 brute-force reference (tests/naive.py). Then a list of bad inputs and what each gets.
 
     python scripts/numeric_robustness.py            # B = 20000 points, K = 256 codewords / 64 components
     python scripts/numeric_robustness.py --quick    # B = 4000, K = 64 / 16
 """
 
 import argparse
+import sys
+from pathlib import Path
 
 import numpy as np
 
-
-def clustered(offset, scale, B, K, D, seed):
-    rng = np.random.default_rng(seed)
-    centres = rng.standard_normal((K, D)) * 3
-    z = rng.integers(0, K, B)
-    C = (offset + scale * centres).astype(np.float32)
-    X = (offset + scale * (centres[z] + rng.standard_normal((B, D)))).astype(np.float32)
-    return X, C
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+import naive  # noqa: E402  (the tests' float64 references and data generators)
 
 
-def gmm_case(offset, scale, N, K, D, seed):
-    rng = np.random.default_rng(seed)
-    w = rng.dirichlet(np.ones(K) * 5)
-    mu0 = rng.normal(size=(K, D)) * 3
-    var0 = rng.uniform(0.3, 2.0, size=(K, D))
-    z = rng.choice(K, N, p=w)
-    X = (offset + scale * (mu0[z] + rng.normal(size=(N, D)) * np.sqrt(var0[z]))).astype(np.float32)
-    return X, w, offset + scale * mu0, var0 * scale ** 2
-
-
-def ref_d2(X, C, block=2048):
-    """float64 (B, K) squared distances by the direct form, in blocks."""
-    out = np.empty((len(X), len(C)))
-    C64 = C.astype(np.float64)
-    for i in range(0, len(X), block):
-        x = X[i:i + block].astype(np.float64)
-        out[i:i + block] = ((x[:, None, :] - C64[None]) ** 2).sum(-1)
-    return out
-
-
-def ref_component_loglik(X, w, mu, var):
-    X = X.astype(np.float64)
-    quad = (((X[:, None, :] - mu[None]) ** 2) / var[None]).sum(-1)
-    return np.log(w)[None] - 0.5 * np.log(2 * np.pi * var).sum(1)[None] - 0.5 * quad
-
-
-def logsumexp(L):
-    m = L.max(1, keepdims=True)
-    return (m + np.log(np.exp(L - m).sum(1, keepdims=True)))[:, 0]
+def ref_d2(X, C, block=512):
+    """float64 (B, K) squared distances by naive's direct form, in blocks (bounded memory)."""
+    return np.concatenate([naive.sq_distances(X[i:i + block], C) for i in range(0, len(X), block)])
 
 
 def assign_table(B, K, D, offsets, scales):
@@ -61,7 +31,7 @@ def assign_table(B, K, D, offsets, scales):
           f"{'uncentred f32 expansion: agree':>30} {'loss rel.err':>12}")
     for off in offsets:
         for sc in scales:
-            X, C = clustered(off, sc, B, K, D, seed=0)
+            X, C = naive.clustered_case(off, sc, B, K, D, seed=0)
             D2 = ref_d2(X, C)
             rlab = D2.argmin(1)
             rloss = D2[np.arange(B), rlab].mean()
@@ -88,9 +58,9 @@ def gmm_table(N, K, D, offsets, scales):
           f"{'loglik max err':>14} {'argmax agree':>12}")
     for off in offsets:
         for sc in scales:
-            X, w, mu, var = gmm_case(off, sc, N, K, D, seed=0)
-            L = ref_component_loglik(X, w, mu, var)
-            rll = logsumexp(L)
+            X, w, mu, var = naive.gmm_case(off, sc, N, K, D, seed=0)
+            L = naive.component_loglik(X, w, mu, var)
+            rll = naive.logsumexp(L)
             rarg = L.argmax(1)
             row = []
             for shift in (w @ mu, np.zeros(D)):

@@ -250,3 +250,86 @@ def mixture_counts(Gx, occ, P, W):
             if occ[t, u] > 0 and P[t, u] > 0:
                 ref[u] += occ[t, u] * W[u] * Gx[t] / P[t, u]
     return ref
+
+
+# --------------------------------------------------------------------------------------- selection
+# (hierarchical Gaussian selection, streamq.kernels.selection / streamq.selection)
+
+
+def moment_merge(w, mu, var, group_of, G):
+    """Representatives (weights (G,), means (G, D), variances (G, D)): moment-matched merge of each group,
+    member weights w_k / sum (plain averages for a group whose weights sum to 0)."""
+    D = mu.shape[1]
+    rw, rm, rv = np.zeros(G), np.zeros((G, D)), np.zeros((G, D))
+    for j in range(G):
+        mem = np.flatnonzero(group_of == j)
+        a = w[mem] / w[mem].sum() if w[mem].sum() > 0 else np.full(len(mem), 1.0 / len(mem))
+        rw[j] = w[mem].sum()
+        rm[j] = a @ mu[mem]
+        rv[j] = a @ (var[mem] + mu[mem] ** 2) - rm[j] ** 2
+    return rw, rm, rv
+
+
+def _top(vals, ids, n):
+    """The n best (value, id) pairs by decreasing value, ties to the lower id."""
+    order = sorted(range(len(ids)), key=lambda q: (-vals[q], ids[q]))[:n]
+    return [ids[q] for q in order], [vals[q] for q in order]
+
+
+def hierarchical_select(X, w, mu, var, group_of, rep_w, rep_mu, rep_var, n, g):
+    """Per frame: the g best representatives (float64 direct form, ties to the lower group), then the n best
+    of their members (ties to the lower component id). Returns idx int (N, n) (-1 = empty) and ll (N, n)."""
+    R = component_loglik(X, rep_w, rep_mu, rep_var)
+    L = component_loglik(X, w, mu, var)
+    N, G = R.shape
+    idx = np.full((N, n), -1)
+    ll = np.full((N, n), -np.inf)
+    for t in range(N):
+        groups, _ = _top(list(R[t]), list(range(G)), min(g, G))
+        cand = [k for k in range(len(w)) if group_of[k] in groups]
+        ids, vals = _top([L[t, k] for k in cand], cand, n)
+        idx[t, :len(ids)] = ids
+        ll[t, :len(ids)] = vals
+    return idx, ll
+
+
+def selected_stats(X, idx, ll, K, shift):
+    """(total, occ (K,), f (K, D), s (K, D)) from per-frame lists: posteriors softmax over each row's entries."""
+    X = np.asarray(X, np.float64)
+    N, D = X.shape
+    occ, f, s = np.zeros(K), np.zeros((K, D)), np.zeros((K, D))
+    total = 0.0
+    for t in range(N):
+        keep = idx[t] >= 0
+        lse = logsumexp(ll[t:t + 1, keep])[0]
+        total += lse
+        xc = X[t] - shift
+        for k, v in zip(idx[t, keep], ll[t, keep]):
+            gm = math.exp(v - lse)
+            occ[k] += gm
+            f[k] += gm * xc
+            s[k] += gm * xc ** 2
+    return total, occ, f, s
+
+
+# ----------------------------------------------------------------------- hostile data (issue 9 item 6)
+
+
+def clustered_case(offset, scale, B, K, D, seed=0):
+    """Clustered float32 frames and codebook, offset by ``offset`` and scaled by ``scale``, as a user has them."""
+    rng = np.random.default_rng(seed)
+    centres = rng.standard_normal((K, D)) * 3
+    C = (offset + scale * centres).astype(np.float32)
+    X = (offset + scale * (centres[rng.integers(0, K, B)] + rng.standard_normal((B, D)))).astype(np.float32)
+    return X, C
+
+
+def gmm_case(offset, scale, N, K, D, seed=0):
+    """Float32 frames drawn from a diagonal GMM offset by ``offset`` and scaled by ``scale``; (X, w, mu, var)."""
+    rng = np.random.default_rng(seed)
+    w = rng.dirichlet(np.ones(K) * 5)
+    mu0 = rng.normal(size=(K, D)) * 3
+    var0 = rng.uniform(0.3, 2.0, size=(K, D))
+    z = rng.choice(K, N, p=w)
+    X = (offset + scale * (mu0[z] + rng.normal(size=(N, D)) * np.sqrt(var0[z]))).astype(np.float32)
+    return X, w, offset + scale * mu0, var0 * scale ** 2

@@ -160,19 +160,10 @@ def test_assign_huge_values():
 
 
 # -------------------------------------------------- numeric robustness: offset x scale table (issue 9 item 6)
-def robust_case(offset, scale, seed=0, B=4000, K=64, D=13):
-    """Clustered data offset by ``offset`` and scaled by ``scale`` (float32), as a user would see it."""
-    rng = np.random.default_rng(seed)
-    centres = rng.standard_normal((K, D)) * 3
-    C = (offset + scale * centres).astype(np.float32)
-    X = (offset + scale * (centres[rng.integers(0, K, B)] + rng.standard_normal((B, D)))).astype(np.float32)
-    return X, C
-
-
 @pytest.mark.parametrize("offset", [0.0, 1e3, 1e4])
 @pytest.mark.parametrize("scale", [1e-3, 1e-1, 1.0, 1e1, 1e3])
 def test_assign_offset_scale_table(offset, scale):
-    X, C = robust_case(offset, scale)
+    X, C = naive.clustered_case(offset, scale, B=4000, K=64, D=13)
     lab, d2 = check_assign(X, C, max_share=1e-3)
     _, rd2, _ = naive.assign(X, C)
     loss, rloss = d2.astype(np.float64).mean(), rd2.mean()

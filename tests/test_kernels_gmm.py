@@ -271,22 +271,11 @@ def test_huge_frames_finite_never_system_error(mag):
         k.diag_gmm_loglik(Xd, shift, const, W, 2, 8, PRUNE, 0)
 
 
-def gmm_case(offset, scale, seed=0, N=3000, K=16, D=13):
-    """A GMM and its frames, offset by ``offset`` and scaled by ``scale`` (frames float32)."""
-    rng = np.random.default_rng(seed)
-    w = rng.dirichlet(np.ones(K) * 5)
-    mu0 = rng.normal(size=(K, D)) * 3
-    var0 = rng.uniform(0.3, 2.0, size=(K, D))
-    z = rng.choice(K, N, p=w)
-    X = (offset + scale * (mu0[z] + rng.normal(size=(N, D)) * np.sqrt(var0[z]))).astype(np.float32)
-    return X, w, offset + scale * mu0, var0 * scale ** 2
-
-
 @pytest.mark.parametrize("offset", [0.0, 1e3, 1e4])
 @pytest.mark.parametrize("scale", [1e-3, 1e-1, 1.0, 1e1, 1e3])
 def test_loglik_offset_scale_table(offset, scale):
     """With the contract's shift (the mixture mean), float32 W agrees with the float64 direct form."""
-    X, w, mu, var = gmm_case(offset, scale)
+    X, w, mu, var = naive.gmm_case(offset, scale, N=3000, K=16, D=13)
     shift, const, W = prep(w, mu, var, np.float32)
     ll, post = k.diag_gmm_posteriors(X, shift, const, W, 2, 64, PRUNE, 0)
     ref = naive.component_loglik(X, w, mu, var)
@@ -308,7 +297,7 @@ def test_exp_kernel_below_domain_is_tiny_not_garbage():
 
 def test_far_shift_violating_the_contract_stays_finite():
     """shift = 0 on data at 1e4 (scale 1e-2) is imprecise with float32 W, but never NaN or an exception."""
-    X, w, mu, var = gmm_case(1e4, 1e-2, N=500, K=8, D=5)
+    X, w, mu, var = naive.gmm_case(1e4, 1e-2, N=500, K=8, D=5)
     shift, const, W = prep(w, mu, var, np.float32, shift=np.zeros(5))
     ll = k.diag_gmm_loglik(X, shift, const, W, 2, 64, PRUNE, 0)
     assert np.isfinite(ll).all()

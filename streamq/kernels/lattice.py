@@ -45,6 +45,20 @@ def _safe_log(p):
     return -np.inf
 
 
+@njit(cache=True, nogil=True)
+def _log_transitions(stay, nxt, skip):
+    """log of the three transition vectors (float64 (S,) each; log 0 = -inf)."""
+    S = stay.shape[0]
+    lstay = np.empty(S)
+    lnxt = np.empty(S)
+    lskip = np.empty(S)
+    for s in range(S):
+        lstay[s] = _safe_log(stay[s])
+        lnxt[s] = _safe_log(nxt[s])
+        lskip[s] = _safe_log(skip[s])
+    return lstay, lnxt, lskip
+
+
 # --------------------------------------------------------------------------- scaled forward-backward
 @njit(cache=True, nogil=True)
 def _fb_scaled(log_emit, state_unit, stay, nxt, skip, gamma, xi):
@@ -146,13 +160,7 @@ def _fb_log(log_emit, state_unit, stay, nxt, skip, gamma, xi):
     """Log-domain forward-backward (exact, ~3x slower than the scaled one). Same contract as ``_fb_scaled``."""
     T = log_emit.shape[0]
     S = state_unit.shape[0]
-    lstay = np.empty(S)
-    lnxt = np.empty(S)
-    lskip = np.empty(S)
-    for s in range(S):
-        lstay[s] = _safe_log(stay[s])
-        lnxt[s] = _safe_log(nxt[s])
-        lskip[s] = _safe_log(skip[s])
+    lstay, lnxt, lskip = _log_transitions(stay, nxt, skip)
     la = np.empty((T, S))
     for s in range(S):
         la[0, s] = -np.inf
@@ -262,13 +270,7 @@ def viterbi(log_emit, state_unit, stay, nxt, skip):
     path = np.full(T, -1, np.int64)
     if T == 0 or S == 0:
         return path, -np.inf
-    lstay = np.empty(S)
-    lnxt = np.empty(S)
-    lskip = np.empty(S)
-    for s in range(S):
-        lstay[s] = _safe_log(stay[s])
-        lnxt[s] = _safe_log(nxt[s])
-        lskip[s] = _safe_log(skip[s])
+    lstay, lnxt, lskip = _log_transitions(stay, nxt, skip)
     back = np.zeros((T, S), np.int8)  # 0: from s, 1: from s-1, 2: from s-2
     prev = np.full(S, -np.inf)
     cur = np.empty(S)
