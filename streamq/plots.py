@@ -166,17 +166,27 @@ def _save_animation(fig, draw, n_frames, out_path, fps, dpi, dynamic=()):
         if fmt == "mp4":
             if shutil.which("ffmpeg") is None:
                 raise RuntimeError("MP4 needs ffmpeg on the PATH; install ffmpeg or write a .gif")
-            writer = animation.FFMpegWriter(fps=fps, codec="libx264", extra_args=["-pix_fmt", "yuv420p"])
+            # libx264 with yuv420p needs even sides: pad by one pixel where the figure is odd
+            writer = animation.FFMpegWriter(fps=fps, codec="libx264", extra_args=[
+                "-vf", "pad=ceil(iw/2)*2:ceil(ih/2)*2", "-pix_fmt", "yuv420p"])
         elif dynamic:
             _save_gif_blit(fig, draw, n_frames, tmp, fps, dpi, dynamic)
             writer = None
         else:
             writer = animation.PillowWriter(fps=fps)
         if writer is not None:
-            with writer.saving(fig, str(tmp), dpi):
-                for i in range(n_frames):
-                    draw(i)
-                    writer.grab_frame()
+            import logging
+
+            mpl_log = logging.getLogger("matplotlib.animation")  # it logs the ffmpeg command line at INFO
+            level = mpl_log.level
+            mpl_log.setLevel(max(level, logging.WARNING))
+            try:
+                with writer.saving(fig, str(tmp), dpi):
+                    for i in range(n_frames):
+                        draw(i)
+                        writer.grab_frame()
+            finally:
+                mpl_log.setLevel(level)
         os.replace(tmp, out_path)
     finally:
         plt.close(fig)

@@ -277,6 +277,32 @@ def test_mp4_needs_ffmpeg_and_suffix_must_match(tmp_path, monkeypatch):
         plots.animate_lbg(fit, tmp_path / "lbg.png")
 
 
+def mp4_frames(path, tmp):
+    """(frame count, grey-level last frame) of an MP4, read back with ffprobe / ffmpeg."""
+    import shutil
+    import subprocess
+
+    if shutil.which("ffmpeg") is None or shutil.which("ffprobe") is None:  # a failure, never a skip
+        raise RuntimeError("ffmpeg is required by the MP4 tests (scripts/test installs it)")
+    n = subprocess.run(["ffprobe", "-v", "error", "-count_frames", "-select_streams", "v:0", "-show_entries",
+                        "stream=nb_read_frames", "-of", "csv=p=0", str(path)], capture_output=True, text=True,
+                       check=True).stdout.strip()
+    last = tmp / "last.png"
+    subprocess.run(["ffmpeg", "-v", "error", "-sseof", "-0.5", "-i", str(path), "-update", "1", "-y", str(last)],
+                   check=True, capture_output=True)
+    return int(n), np.asarray(Image.open(last).convert("L"), np.float64)
+
+
+def test_mp4_with_ffmpeg(tmp_path):
+    fit, stages = write_lbg_fit(tmp_path / "fit")
+    out = plots.animate_lbg(fit, tmp_path / "lbg.mp4", fps=2)
+    n, last = mp4_frames(out, tmp_path)
+    assert n == len(stages) and last.var() > VAR_FLOOR
+    write_trace(tmp_path / "align", "u", n_iter=3, T=61)  # an odd figure size is padded to even sides
+    n, last = mp4_frames(plots.animate_alignment(tmp_path / "align", "u", tmp_path / "a.mp4"), tmp_path)
+    assert n == 3 and last.var() > VAR_FLOOR
+
+
 # ------------------------------------------------------------------ the CLI
 def test_cli_plot_commands(tmp_path, clip, capsys):
     fit, stages = write_lbg_fit(tmp_path / "fit")
