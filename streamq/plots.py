@@ -218,20 +218,23 @@ def _save_gif_blit(fig, draw, n_frames, path, fps, dpi, dynamic):
     frames[0].save(path, format="GIF", save_all=True, append_images=frames[1:], duration=int(1000 / fps), loop=0)
 
 
-def _read_csv(path) -> list[dict]:
-    """A metrics CSV as dicts; numbers become floats, empty cells None, other text stays text."""
+def _read_csv(path, text=("id", "method")) -> list[dict]:
+    """A metrics CSV as dicts; numbers become floats, empty cells None, other text and the ``text`` columns
+    (identifiers, even when they look like numbers) stay text."""
     import csv
 
-    def conv(v):
+    def conv(k, v):
         if v is None or v == "":
             return None
+        if k in text:
+            return v
         try:
             return float(v)
         except ValueError:
             return v
 
     with open(path, newline="") as f:
-        return [{k: conv(v) for k, v in r.items()} for r in csv.DictReader(f)]
+        return [{k: conv(k, v) for k, v in r.items()} for r in csv.DictReader(f)]
 
 
 def find_file(directory, *names):

@@ -126,6 +126,17 @@ def test_report_worst_ordering_and_count(run_dir):
     assert [r["id"] for r in worst_utterances(run_dir / "align", 1)] == ["u1"]
 
 
+def test_worst_utterances_keep_numeric_ids_as_text(tmp_path):
+    from streamq.report import worst_utterances
+
+    write_csv(tmp_path / "alignment_analysis.csv", [{"id": "007", "loglik_per_frame": -3.0, "flagged": 0},
+                                                    {"id": "12", "loglik_per_frame": -4.0, "flagged": 1}])
+    assert [r["id"] for r in worst_utterances(tmp_path, 5)] == ["12", "007"]
+    write_csv(tmp_path / "alignment_analysis.csv", [{"utt": "a", "score": 1}])
+    with pytest.raises(ValueError, match="needs columns 'id' and 'loglik_per_frame'"):
+        worst_utterances(tmp_path, 5)
+
+
 def test_report_says_not_run_for_missing_parts(tmp_path):
     page = open(write_report(tmp_path), encoding="utf-8").read()
     assert page.count("not run") == 5 and not images(page)
