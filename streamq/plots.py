@@ -218,7 +218,7 @@ def _save_gif_blit(fig, draw, n_frames, path, fps, dpi, dynamic):
     frames[0].save(path, format="GIF", save_all=True, append_images=frames[1:], duration=int(1000 / fps), loop=0)
 
 
-def _read_csv(path, text=("id", "method")) -> list[dict]:
+def read_metrics_csv(path, text=("id", "method")) -> list[dict]:
     """A metrics CSV as dicts; numbers become floats, empty cells None, other text and the ``text`` columns
     (identifiers, even when they look like numbers) stay text."""
     import csv
@@ -293,7 +293,7 @@ def load_lbg_stages(fit_dir):
     h = find_file(d, *FIT_HISTORY_FILES)
     if h is None:
         raise ValueError(f"{d / FIT_HISTORY_FILES[0]}: not found")
-    records = _read_csv(h)
+    records = read_metrics_csv(h)
     for f in ("stage", "frames_seen", "loss", "entropy", "log_k", "utilisation"):
         if records and f not in records[0]:
             raise ValueError(f"{h}: column '{f}' missing")

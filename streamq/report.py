@@ -21,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .plots import find_file, read_metrics_csv  # one CSV reader and one file-name rule for pictures and report
 from .progress import log
 
 PARTS = ("store", "compare", "codebook", "gmm", "align")
@@ -93,16 +94,6 @@ def _missing(what) -> str:
     return f'<p class="missing">not run ({_esc(what)} not found)</p>'
 
 
-def _read_csv(path):
-    from .plots import _read_csv as read  # one CSV reader for pictures and the report
-
-    return read(path)
-
-
-def find_file(d, *names):
-    from .plots import find_file as find
-
-    return find(d, *names)
 
 
 # ------------------------------------------------------------------ the sections
@@ -128,7 +119,7 @@ def _compare(d: Path, tmp: Path) -> str:
     h = find_file(d, "compare_history.csv", "history.csv")
     if h is None:
         return _missing("compare/compare_history.csv")
-    recs = _read_csv(h)
+    recs = read_metrics_csv(h)
     last = {}
     for r in recs:
         last[r["method"]] = r
@@ -151,7 +142,7 @@ def _codebook(d: Path, tmp: Path, fps: float) -> str:
     if cfg is not None:
         c = json.loads(cfg.read_text())
         parts.append(_kv({k: v for k, v in c.items() if not isinstance(v, (dict, list))}))
-    recs = _read_csv(h)
+    recs = read_metrics_csv(h)
     if recs:
         r = recs[-1]
         cols = [c for c in ("method", "stage", "k", "step", "frames_seen", "wall_seconds", "loss", "entropy", "log_k",
@@ -188,7 +179,7 @@ def _gmm(d: Path, tmp: Path) -> str:
     h = find_file(d, "gmm_history.csv", "history.csv")
     if h is None:
         return _missing("gmm/gmm_history.csv")
-    recs = _read_csv(h)
+    recs = read_metrics_csv(h)
     parts = ["<h3>EM iterations</h3>", _table(recs)]
     png = find_file(d, "gmm_history.png", "history.png")
     parts.append(_img(png, f"gmm/{png.name}") if png is not None else _missing("gmm/gmm_history.png"))
@@ -201,7 +192,7 @@ def worst_utterances(align_dir, n):
     p = Path(align_dir) / "alignment_analysis.csv"
     if not p.exists():
         return None
-    recs = _read_csv(p)
+    recs = read_metrics_csv(p)
     if recs and ("id" not in recs[0] or "loglik_per_frame" not in recs[0]):
         raise ValueError(f"{p}: needs columns 'id' and 'loglik_per_frame'")
 
@@ -223,7 +214,7 @@ def _align(d: Path, tmp: Path, worst: int, fps: float) -> str:
     parts = [_kv(json.loads(summary.read_text()))]
     h = find_file(d, "align_history.csv", "history.csv")
     if h is not None:
-        parts += ["<h3>EM iterations</h3>", _table(_read_csv(h))]
+        parts += ["<h3>EM iterations</h3>", _table(read_metrics_csv(h))]
     un = d / "unaligned.tsv"
     if un.exists():
         lines = [ln.split("\t", 1) for ln in un.read_text().splitlines()[1:] if ln.strip()]
