@@ -194,7 +194,8 @@ class Gaussians:
 
     @classmethod
     def checked(cls, weights, means, variances, name="model") -> "Gaussians":
-        """Validated copies; ArtifactError naming ``name`` and the field otherwise. Weights are normalised."""
+        """Validated copies; ArtifactError naming ``name`` and the field otherwise. Weights are normalised
+        (unless they already sum to 1 within 1e-9)."""
         m = np.asarray(means, np.float64)
         v = np.asarray(variances, np.float64)
         w = np.asarray(weights, np.float64)
@@ -212,7 +213,9 @@ class Gaussians:
             raise ArtifactError(f"{name}: field 'variances' must be > 0 ({int((v <= 0).sum())} are not)")
         if (w < 0).any() or w.sum() <= 0:
             raise ArtifactError(f"{name}: field 'weights' must be >= 0 and not all zero")
-        return cls(w / w.sum(), m.copy(), v.copy())
+        s = w.sum()
+        # weights that already sum to 1 are kept bit for bit (a saved and reloaded model is the same model)
+        return cls(w.copy() if abs(s - 1.0) <= 1e-9 else w / s, m.copy(), v.copy())
 
     @classmethod
     def of(cls, model, name="model") -> "Gaussians":
@@ -307,7 +310,8 @@ def load_model(path) -> Gaussians | np.ndarray:
 @contextlib.contextmanager
 def locked_dir(out_dir, command: str):
     """Create ``out_dir`` if needed and hold its lock while ``command`` writes into it; a second command
-    into the same directory gets a one-line error. A killed holder releases the lock (``flock``)."""
+    into the same directory gets a one-line error. A killed holder releases the lock (``flock``); the
+    temporary files it left (:func:`atomic_write`) are removed by the next holder."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     f = open(out / LOCK, "a+")
@@ -319,6 +323,9 @@ def locked_dir(out_dir, command: str):
         f.close()
         raise ArtifactError(f"{out}: {who} is writing into this directory; wait for it or use another OUT") \
             from None
+    for litter in out.glob(".*.tmp*"):  # temporary files of writers killed mid-write (we hold the lock)
+        if litter.is_file():
+            litter.unlink()
     try:
         f.seek(0)
         f.truncate()
