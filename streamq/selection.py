@@ -21,13 +21,15 @@ Layout (all plain arrays, so they can be saved, shared with workers or passed to
   (K,): CSR lists of the members of each group (increasing component id inside a group).
 - ``rep_weights`` float64 (G,), ``rep_means`` / ``rep_variances`` float64 (G, D): the representatives.
 - ``shift`` float64 (D,): centring offset (the weighted mean of the means, as in :class:`streamq.gmm.DiagGMM`).
-- kernel arrays: ``rep_const`` (G,), ``rep_W`` (2D, G); ``mem_const`` (K,), ``mem_W`` (2D, K) in member
-  order (dtype of ``rep_W`` / ``mem_W`` = ``dot_dtype``); ``means``, ``prec`` (K, D) and ``lconst`` (K,) in
+- kernel arrays: ``rep_const`` (G,), ``rep_W`` (2D, G); ``mem_const`` (K,) in member order and ``mem_Wb``
+  (2D K,), group j's members' W columns as one row-major (2D, size_j) block at [2D member_ptr[j] : 2D
+  member_ptr[j + 1]] (dtype of ``rep_W`` / ``mem_Wb`` = ``dot_dtype``); ``means``, ``prec`` (K, D) and ``lconst`` (K,) in
   component order for the exact float64 re-evaluation.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import numba
@@ -37,7 +39,7 @@ from .kernels import gmm as _kg
 from .kernels import selection as _ks
 
 __all__ = ["Selection", "build_selection", "refresh_selection", "group_means", "default_n_groups",
-           "default_n_search", "select", "selected_score_samples", "selected_accumulate"]
+           "default_n_search", "calibrate_n_search", "select", "selected_score_samples", "selected_accumulate"]
 
 
 @dataclass(frozen=True)
@@ -54,10 +56,12 @@ class Selection:
     rep_const: np.ndarray
     rep_W: np.ndarray
     mem_const: np.ndarray
-    mem_W: np.ndarray
+    mem_Wb: np.ndarray
     means: np.ndarray
     prec: np.ndarray
     lconst: np.ndarray
+    n_search: int = 0
+    recall_curve: np.ndarray | None = None
 
     @property
     def n_components(self) -> int:
@@ -76,10 +80,10 @@ class Selection:
         return np.diff(self.member_ptr)
 
     def kernel_args(self) -> tuple:
-        """(shift, rep_const, rep_W, member_ptr, member_idx, mem_const, mem_W, means, prec, lconst): the arrays
+        """(shift, rep_const, rep_W, member_ptr, member_idx, mem_const, mem_Wb, means, prec, lconst): the arrays
         :func:`streamq.kernels.selection.select_topn` takes after X, in its order."""
         return (self.shift, self.rep_const, self.rep_W, self.member_ptr, self.member_idx, self.mem_const,
-                self.mem_W, self.means, self.prec, self.lconst)
+                self.mem_Wb, self.means, self.prec, self.lconst)
 
 
 def default_n_groups(K: int) -> int:
@@ -88,8 +92,43 @@ def default_n_groups(K: int) -> int:
 
 
 def default_n_search(n_groups: int, n: int = 8) -> int:
-    """Groups searched per frame: max(4, n / 2 rounded up, G / 16), at most G (G = 256: 16 groups)."""
+    """Uncalibrated fallback: max(4, n / 2 rounded up, G / 16) groups, at most G (G = 256: 16 groups)."""
     return int(min(n_groups, max(4, -(-n // 2), -(-n_groups // 16))))
+
+
+def calibrate_n_search(sel: "Selection", n=8, target=0.98, n_samples=1000, seed=0):
+    """Smallest number of groups g whose search recovers ``target`` of the exact top-n components of frames
+    sampled from the model itself (seeded), and the recall curve.
+
+    Frames x ~ the GMM; for each, the exact float64 top-n components (all K scored, NumPy, in blocks of 256
+    frames) and the rank of each one's group among the representatives' scores; recall(g) = fraction of
+    ranks < g. Cost O(n_samples K D) (K = 16384: ~0.2 s). Returns (g int, recall float64 (G,), recall[g - 1]
+    being the recall when g groups are searched).
+    """
+    K, D, G = sel.n_components, sel.dim, sel.n_groups
+    n = int(min(max(1, n), K))
+    rng = np.random.default_rng([seed, 7])
+    w = np.exp(sel.lconst + 0.5 * np.log(2.0 * np.pi / sel.prec).sum(1))  # the weights back from lconst
+    comp = rng.choice(K, size=n_samples, p=w / w.sum())
+    X = sel.means[comp] + rng.standard_normal((n_samples, D)) / np.sqrt(sel.prec[comp])
+    Xc = X - sel.shift
+    Z = np.hstack([Xc, Xc * Xc])
+    mc = sel.means - sel.shift
+    A = np.vstack([(mc * sel.prec).T, (-0.5 * sel.prec).T])  # (2D, K) float64
+    c = sel.lconst - 0.5 * (mc * mc * sel.prec).sum(1)
+    rc, rW = _kg.gmm_precompute(sel.rep_weights, sel.rep_means, sel.rep_variances, sel.shift)
+    hist = np.zeros(G, np.int64)
+    for a in range(0, n_samples, 256):
+        z = Z[a:a + 256]
+        L = c[None] + z @ A
+        top = np.argpartition(-L, n - 1, axis=1)[:, :n] if n < K else np.tile(np.arange(K), (len(z), 1))
+        R = rc[None] + z @ rW
+        rank = np.empty_like(R, dtype=np.int64)
+        np.put_along_axis(rank, np.argsort(-R, axis=1, kind="stable"), np.arange(G)[None, :], axis=1)
+        hist += np.bincount(np.take_along_axis(rank, sel.group_of[top].astype(np.int64), 1).ravel(), minlength=G)
+    curve = np.cumsum(hist) / hist.sum()
+    g = int(np.searchsorted(curve, target - 1e-12) + 1)
+    return min(g, G), curve
 
 
 # -------------------------------------------------------------------- params
@@ -107,7 +146,7 @@ def _check_params(weights, means, variances):
         raise ValueError(f"variances must be > 0 ({int((v <= 0).sum())} are not)")
     if (w < 0).any() or w.sum() <= 0:
         raise ValueError("weights must be >= 0 and not all zero")
-    return w, np.ascontiguousarray(m), np.ascontiguousarray(v)
+    return w / w.sum(), np.ascontiguousarray(m), np.ascontiguousarray(v)
 
 
 def group_means(means, variances, n_groups, seed=0, n_iter=8) -> np.ndarray:
@@ -172,23 +211,38 @@ def _prepare(group_of, G, w, m, v, dot_dtype):
     with np.errstate(divide="ignore"):
         lconst = np.log(w) - 0.5 * np.log(2.0 * np.pi * v).sum(1)
     dt = np.dtype(dot_dtype)
+    Wb = np.empty(mem_W.size, dt)  # group blocks, each row-major (2D, size)
+    for j in range(G):
+        p0, p1 = ptr[j], ptr[j + 1]
+        Wb[2 * D * p0:2 * D * p1] = mem_W[:, p0:p1].ravel()
     return Selection(group_of=np.ascontiguousarray(group_of, np.int32), member_ptr=ptr, member_idx=order,
                      rep_weights=wsum, rep_means=rep_m, rep_variances=rep_v, shift=shift, rep_const=rep_const,
-                     rep_W=np.ascontiguousarray(rep_W, dt), mem_const=mem_const,
-                     mem_W=np.ascontiguousarray(mem_W, dt), means=m.copy(), prec=1.0 / v, lconst=lconst)
+                     rep_W=np.ascontiguousarray(rep_W, dt), mem_const=mem_const, mem_Wb=Wb, means=m.copy(), prec=1.0 / v, lconst=lconst)
 
 
-def build_selection(weights, means, variances, n_groups=None, seed=0, n_iter=8, dot_dtype="float32") -> Selection:
+def _calibrated(sel, calibrate_n, target, seed):
+    if not calibrate_n:
+        return dataclasses.replace(sel, n_search=default_n_search(sel.n_groups, 8))
+    g, curve = calibrate_n_search(sel, calibrate_n, target, seed=seed)
+    return dataclasses.replace(sel, n_search=g, recall_curve=curve)
+
+
+def build_selection(weights, means, variances, n_groups=None, seed=0, n_iter=8, dot_dtype="float32",
+                    calibrate_n=8, target_recall=0.98) -> Selection:
     """Group the K components (:func:`group_means`) and prepare the selection arrays.
 
     Parameters
     ----------
-    weights : (K,), means, variances : (K, D), float64 (converted). Mixture weights need not sum to 1.
+    weights : (K,), means, variances : (K, D), float64 (converted). Weights are normalised to sum to 1.
     n_groups : int or None. G (clamped to [1, K]); None = :func:`default_n_groups`.
     seed : int. Seeds the k-means++ initialisation (same seed and parameters give the same grouping).
     n_iter : int. Lloyd iterations of the grouping.
     dot_dtype : 'float32' or 'float64'. Dtype of the ranking dot products (the returned log-likelihoods are
         float64 either way).
+    calibrate_n : int or 0. Sets ``n_search``, the default number of groups searched per frame, to the
+        smallest one recovering ``target_recall`` of the exact top-``calibrate_n`` components of 1000
+        frames sampled from the model (:func:`calibrate_n_search`; ``recall_curve`` keeps the curve).
+        0 = no calibration (:func:`default_n_search`).
     """
     w, m, v = _check_params(weights, means, variances)
     if dot_dtype not in ("float32", "float64"):
@@ -199,15 +253,20 @@ def build_selection(weights, means, variances, n_groups=None, seed=0, n_iter=8, 
         raise ValueError(f"n_groups must be >= 1, got {n_groups}")
     G = min(G, K)
     group_of = group_means(m, v, G, seed=seed, n_iter=n_iter)
-    return _prepare(group_of, G, w, m, v, dot_dtype)
+    return _calibrated(_prepare(group_of, G, w, m, v, dot_dtype), calibrate_n, target_recall, seed)
 
 
-def refresh_selection(sel: Selection, weights, means, variances, dot_dtype=None) -> Selection:
-    """The same grouping with representatives and kernel arrays for new parameters (O(K D), no clustering)."""
+def refresh_selection(sel: Selection, weights, means, variances, dot_dtype=None, calibrate_n=8,
+                      target_recall=0.98, seed=0) -> Selection:
+    """The same grouping with representatives and kernel arrays for new parameters (O(K D), no clustering),
+    re-calibrated as in :func:`build_selection` (``calibrate_n=0``: keep the old ``n_search``)."""
     w, m, v = _check_params(weights, means, variances)
     if m.shape[0] != sel.n_components:
         raise ValueError(f"means: {m.shape[0]} components, the selection has {sel.n_components}")
-    return _prepare(sel.group_of, sel.n_groups, w, m, v, dot_dtype or sel.mem_W.dtype.name)
+    new = _prepare(sel.group_of, sel.n_groups, w, m, v, dot_dtype or sel.mem_Wb.dtype.name)
+    if not calibrate_n:
+        return dataclasses.replace(new, n_search=sel.n_search, recall_curve=sel.recall_curve)
+    return _calibrated(new, calibrate_n, target_recall, seed)
 
 
 # ------------------------------------------------------------------ wrappers
@@ -229,21 +288,24 @@ def _ns(sel, n, n_search):
     if n < 1:
         raise ValueError(f"n must be >= 1, got {n}")
     n = min(n, sel.n_components)
-    g = default_n_search(sel.n_groups, n) if n_search is None else int(n_search)
+    g = sel.n_search if n_search is None else int(n_search)
     if g < 1:
         raise ValueError(f"n_search must be >= 1, got {n_search}")
     return n, min(g, sel.n_groups)
 
 
+TILE = 512  # frames per tile of select_topn (each searched group's block is reused by ~tile g / G frames)
+
+
 def select(X, sel: Selection, n=8, n_search=None, n_threads=None):
     """Each frame's top-n components: (idx int32 (N, n), ll float64 (N, n)), sorted by decreasing ll.
 
-    ``n`` is clamped to K; ``n_search`` groups are searched (None = :func:`default_n_search`). Slots past the
+    ``n`` is clamped to K; ``n_search`` groups are searched (None = ``sel.n_search``). Slots past the
     candidates found hold idx -1 and ll -inf.
     """
     X = _frames(X, sel.dim)
     n, g = _ns(sel, n, n_search)
-    return _ks.select_topn(X, *sel.kernel_args(), n, g, n_threads or numba.get_num_threads())
+    return _ks.select_topn(X, *sel.kernel_args(), n, g, n_threads or numba.get_num_threads(), TILE)
 
 
 def selected_score_samples(X, sel: Selection, n=8, n_search=None, n_threads=None) -> np.ndarray:

@@ -7,14 +7,14 @@ of its members). Per frame x, with x' = x - shift and z = [x', x'^2] (the dot-pr
 
     1. score the G representatives:      r_j = rep_const_j + z . rep_W[:, j]          (G dot products)
     2. keep the g best groups (ties: lower group index first)
-    3. score their members:              s_p = mem_const_p + z . mem_W[:, p]         (sum of group sizes)
+    3. score their members:              s_p = mem_const_p + z . W_p                 (sum of group sizes)
     4. keep the n best members by s (min-heap of size n; ties: lower component index first)
     5. re-evaluate the n kept exactly in float64 by the direct form
            log w_k N(x | mu_k, diag s2_k) = lconst_k - 1/2 sum_d (x_d - mu_kd)^2 prec_kd,
            lconst_k = log w_k - 1/2 sum_d log(2 pi s2_kd),  prec_kd = 1 / s2_kd
        and return them sorted by decreasing value (ties: lower component index first).
 
-Steps 1 and 3 run in the dtype of ``rep_W`` / ``mem_W`` (float32: ranking only, per-value error ~1e-6
+Steps 1 and 3 run in the dtype of ``rep_W`` / ``mem_Wb`` (float32: ranking only, per-value error ~1e-6
 relative on centred data); the returned log-likelihoods are always float64 from step 5. The per-frame work is
 G + (sizes of the g groups searched) dot products of length 2D, plus O(n D): nothing proportional to K unless
 g = G. With g = G and n = K every component is scored and kept: the exact mode is the same code path.
@@ -23,8 +23,8 @@ Companions turn the lists into frame log-likelihoods (log-sum-exp over the n), p
 second order EM statistics (float64, one buffer per thread chunk, reduced after the ``prange``), and re-score
 stored lists under new parameters (Kaldi's reuse of ``gmm-gselect`` output across iterations).
 
-Member-order arrays (``mem_const``, ``mem_W``) are indexed by position p in ``member_idx`` (component
-``member_idx[p]``); ``means``, ``prec``, ``lconst`` are in component order. No fastmath: log-domain values
+Member-order arrays (``mem_const``, ``mem_Wb``) are indexed by position p in ``member_idx`` (component
+``member_idx[p]``); ``mem_Wb`` holds each group's W columns as one contiguous block; ``means``, ``prec``, ``lconst`` are in component order. No fastmath: log-domain values
 may be -inf (a zero-weight component).
 """
 
@@ -106,37 +106,87 @@ def _heap_sort_desc(hv, hi, cnt):
 
 # ------------------------------------------------------------------ selection
 @njit(cache=True)
-def _dot_block(z, W, cw, p0, p1, out):
-    """out[:p1-p0] = cw[p0:p1] + z . W[:, p0:p1]  (W's dtype; loop over p vectorises)."""
-    L = p1 - p0
-    for p in range(L):
-        out[p] = cw[p0 + p]
+def _offer(vals, ids, L, hv, hi, cnt, cap):
+    """Offer (vals[p], ids[p]) for p < L to the top-``cap`` heap hv[:cnt], hi[:cnt]; returns the new count.
+
+    Blocks of 16 with no value >= the heap's worst are skipped by one vectorisable count (most blocks once
+    the heap is full), the rest go through a one-compare reject before :func:`_push`.
+    """
+    for b in range(0, L, 16):
+        e = min(b + 16, L)
+        if cnt == cap:
+            thr = vals.dtype.type(hv[0])  # exact: the heap holds values of vals' dtype
+            hit = 0
+            for p in range(b, e):
+                hit += vals[p] >= thr
+            if hit == 0:
+                continue
+        for p in range(b, e):
+            v = np.float64(vals[p])
+            k = np.int64(ids[p])
+            if cnt == cap and not _worse(hv[0], hi[0], v, k):
+                continue
+            cnt = _push(hv, hi, cnt, cap, v, k)
+    return cnt
+
+
+@njit(cache=True)
+def _dot_block(z, W, cw, out):
+    """out[:G] = cw + z . W  for W (2D, G) C-contiguous in W's dtype (loop over columns vectorises)."""
+    G = W.shape[1]
+    for p in range(G):
+        out[p] = cw[p]
     for j in range(z.shape[0]):
         zj = z[j]
+        for p in range(G):
+            out[p] += zj * W[j, p]
+
+
+@njit(cache=True)
+def _dot_group(z, Wb, cw, p0, p1, out):
+    """out[:L] = cw[p0:p1] + z . B, L = p1 - p0, B = Wb[2D p0 : 2D p1] viewed as (2D, L) row-major.
+
+    Indexing goes through slices so every index is a non-negative range variable (Numba then emits no
+    negative-index wraparound, and LLVM vectorises the loop over p instead of gathering).
+    """
+    L = p1 - p0
+    J = z.shape[0]
+    c = cw[p0:p1]
+    for p in range(L):
+        out[p] = c[p]
+    for j in range(J):
+        zj = z[j]
+        row = Wb[J * p0 + j * L:J * p0 + (j + 1) * L]
         for p in range(L):
-            out[p] += zj * W[j, p0 + p]
+            out[p] += zj * row[p]
 
 
 @njit(cache=True, parallel=True)
-def select_topn(X, shift, rep_const, rep_W, member_ptr, member_idx, mem_const, mem_W, means, prec, lconst,
-                n, g, n_chunks):
+def select_topn(X, shift, rep_const, rep_W, member_ptr, member_idx, mem_const, mem_Wb, means, prec, lconst,
+                n, g, n_chunks, tile):
     """Per-frame top-n components by hierarchical selection (module docstring).
+
+    Frames are processed in tiles: the representatives of every frame of the tile are scored, then each group
+    searched by at least one frame of the tile is scored for all those frames while its block of ``mem_Wb``
+    is in L1 (the blocks total 2D K values: scoring them frame by frame streams them from L3).
 
     Parameters
     ----------
     X : float32 or float64 (N, D) IN. Frames.
-    shift : float64 (D,) IN. Centring offset (the one given to ``gmm_precompute`` for rep_W and mem_W).
+    shift : float64 (D,) IN. Centring offset (the one given to ``gmm_precompute`` for rep_W and mem_Wb).
     rep_const : float64 (G,) IN. rep_W : float32 or float64 (2D, G) IN, C-contiguous. Representatives'
         dot-product form (``streamq.kernels.gmm.gmm_precompute`` of the representatives).
-    member_ptr : int64 (G + 1,) IN. CSR row pointer, member_ptr[0] = 0, member_ptr[G] = len(member_idx).
-    member_idx : int32 or int64 (M,) IN. Component ids, grouped. Each in [0, K).
-    mem_const : float64 (M,) IN. mem_W : (2D, M) IN, same dtype as rep_W, C-contiguous. Dot-product form of
-        component member_idx[p] in column / entry p.
+    member_ptr : int64 (G + 1,) IN. CSR row pointer, member_ptr[0] = 0, member_ptr[G] = M = len(member_idx).
+    member_idx : int32 (M,) IN. Component ids, grouped; each in [0, K).
+    mem_const : float64 (M,) IN. Dot-product constants of component member_idx[p] at p.
+    mem_Wb : (2D M,) IN, dtype of rep_W. Group j's block mem_Wb[2D p0 : 2D p1] (p0, p1 = member_ptr[j],
+        member_ptr[j + 1]) is its members' W columns as a row-major (2D, p1 - p0) matrix.
     means : float64 (K, D) IN. prec : float64 (K, D) IN, 1 / variances. lconst : float64 (K,) IN,
         log w - 1/2 sum_d log(2 pi s2) (-inf for a zero weight). Component order.
     n : int >= 1. Components kept per frame (the output width).
     g : int >= 1. Groups searched per frame (clamped to G).
     n_chunks : int. Frames are split in this many contiguous chunks (parallel units, one scratch set each).
+    tile : int >= 1. Frames per tile (scratch O(tile (n + g + 2D))).
 
     Returns
     -------
@@ -148,6 +198,7 @@ def select_topn(X, shift, rep_const, rep_W, member_ptr, member_idx, mem_const, m
     N, D = X.shape
     G = rep_const.shape[0]
     gg = min(max(g, 1), G)
+    T = max(1, tile)
     idx = np.full((N, n), -1, np.int32)
     ll = np.full((N, n), -np.inf, np.float64)
     maxsize = 1
@@ -158,43 +209,71 @@ def select_topn(X, shift, rep_const, rep_W, member_ptr, member_idx, mem_const, m
     for c in prange(C):
         a0 = c * per
         b0 = min(N, a0 + per)
-        z = np.empty(2 * D, rep_W.dtype)
+        Z = np.empty((T, 2 * D), rep_W.dtype)
         rcw = rep_const.astype(rep_W.dtype)
-        mcw = mem_const.astype(mem_W.dtype)
+        mcw = mem_const.astype(mem_Wb.dtype)
         rs = np.empty(G, rep_W.dtype)
-        ms = np.empty(maxsize, mem_W.dtype)
+        ms = np.empty(maxsize, mem_Wb.dtype)
         gv = np.empty(gg, np.float64)
         gi = np.empty(gg, np.int64)
-        hv = np.empty(n, np.float64)
-        hi = np.empty(n, np.int64)
-        for t in range(a0, b0):
-            for d in range(D):
-                v = np.float64(X[t, d]) - shift[d]
-                z[d] = v
-                z[D + d] = v * v
-            _dot_block(z, rep_W, rcw, 0, G, rs)
-            cg = 0
-            for j in range(G):
-                cg = _push(gv, gi, cg, gg, np.float64(rs[j]), j)
-            ch = 0
-            for q in range(cg):
-                grp = gi[q]
-                p0 = member_ptr[grp]
-                p1 = member_ptr[grp + 1]
-                _dot_block(z, mem_W, mcw, p0, p1, ms)
-                for p in range(p1 - p0):
-                    ch = _push(hv, hi, ch, n, np.float64(ms[p]), np.int64(member_idx[p0 + p]))
-            for q in range(ch):  # exact float64 re-evaluation of the kept components
-                k = hi[q]
-                v = lconst[k]
+        tg = np.empty((T, gg), np.int64)  # groups searched by each frame of the tile
+        tgc = np.empty(T, np.int64)
+        gcnt = np.zeros(G + 1, np.int64)  # frames of the tile per group (CSR over the tile)
+        gfr = np.empty(T * gg, np.int64)
+        hv = np.empty((T, n), np.float64)
+        hi = np.empty((T, n), np.int64)
+        hc = np.zeros(T, np.int64)
+        gids = np.arange(G)
+        for a in range(a0, b0, T):
+            b = min(a + T, b0)
+            nb = b - a
+            for j in range(G + 1):
+                gcnt[j] = 0
+            for i in range(nb):
                 for d in range(D):
-                    e = np.float64(X[t, d]) - means[k, d]
-                    v -= 0.5 * e * e * prec[k, d]
-                hv[q] = v
-            _heap_sort_desc(hv, hi, ch)
-            for q in range(ch):
-                idx[t, q] = hi[q]
-                ll[t, q] = hv[q]
+                    v = np.float64(X[a + i, d]) - shift[d]
+                    Z[i, d] = v
+                    Z[i, D + d] = v * v
+                _dot_block(Z[i], rep_W, rcw, rs)
+                cg = _offer(rs, gids, G, gv, gi, 0, gg)
+                tgc[i] = cg
+                for q in range(cg):
+                    tg[i, q] = gi[q]
+                    gcnt[gi[q] + 1] += 1
+                hc[i] = 0
+            for j in range(G):
+                gcnt[j + 1] += gcnt[j]
+            for i in range(nb):  # counting sort of (group, frame): frames in increasing order per group
+                for q in range(tgc[i]):
+                    j = tg[i, q]
+                    gfr[gcnt[j]] = i
+                    gcnt[j] += 1
+            start = 0
+            for j in range(G):  # gcnt[j] is now the end of group j's frames
+                stop = gcnt[j]
+                p0 = member_ptr[j]
+                p1 = member_ptr[j + 1]
+                for r in range(start, stop):
+                    i = gfr[r]
+                    _dot_group(Z[i], mem_Wb, mcw, p0, p1, ms)
+                    hc[i] = _offer(ms, member_idx[p0:p1], p1 - p0, hv[i], hi[i], hc[i], n)
+                start = stop
+            for i in range(nb):  # exact float64 re-evaluation of the kept components, sorted
+                t = a + i
+                ch = hc[i]
+                hvi = hv[i]
+                hii = hi[i]
+                for q in range(ch):
+                    k = hii[q]
+                    v = lconst[k]
+                    for d in range(D):
+                        e = np.float64(X[t, d]) - means[k, d]
+                        v -= 0.5 * e * e * prec[k, d]
+                    hvi[q] = v
+                _heap_sort_desc(hvi, hii, ch)
+                for q in range(ch):
+                    idx[t, q] = hii[q]
+                    ll[t, q] = hvi[q]
     return idx, ll
 
 
