@@ -150,3 +150,32 @@ def test_quantise_matches_numpy(tmp_path):
     assert not (tmp_path / "q.zarr.partial").exists()
     with pytest.raises(ValueError, match="already exists"):
         run_quantise(store, cb, tmp_path / "q.zarr", verbose=0)
+
+
+def test_damaged_model_files_are_named(tmp_path):
+    store, means = small_store(tmp_path / "store")
+    d = tmp_path / "m"
+    d.mkdir()
+    (d / "gmm.npz").write_bytes(b"PK\x03\x04 not really a zip")
+    r = subprocess.run(_cli("align", store, d, tmp_path / "al", "--quiet"), capture_output=True, text=True)
+    assert r.returncode == 1 and f"{d / 'gmm.npz'}: cannot read" in r.stderr and r.stderr.count("\n") == 1
+    np.save(tmp_path / "x.npy", np.random.default_rng(0).normal(size=(3000, 3)).astype(np.float32))
+    out = tmp_path / "fit"
+    out.mkdir()
+    (out / "fit_checkpoint.npz").write_bytes(b"\x00" * 100)
+    r = subprocess.run(_cli("fit", tmp_path / "x.npy", out, "--k", "4", "--resume", "--quiet"), capture_output=True,
+                       text=True)
+    assert r.returncode == 1 and "fit_checkpoint.npz: cannot read" in r.stderr, r.stderr
+    (d / "gmm.npz").unlink()
+    np.save(d / "codebook.npy", np.full((4, 3), np.nan, np.float32))
+    r = subprocess.run(_cli("gmm", store, d, tmp_path / "g", "--quiet"), capture_output=True, text=True)
+    assert r.returncode == 1 and "codebook.npy: codebook holds NaN" in r.stderr
+    assert not (tmp_path / "g").exists() and not (tmp_path / "al").exists()
+
+
+@pytest.mark.parametrize("eps", ["nan", "inf", "-1"])
+def test_bad_eps_is_refused(tmp_path, eps):
+    np.save(tmp_path / "x.npy", np.random.default_rng(0).normal(size=(3000, 3)).astype(np.float32))
+    r = subprocess.run(_cli("fit", tmp_path / "x.npy", tmp_path / "o", "--k", "4", "--eps", eps, "--quiet"),
+                       capture_output=True, text=True)
+    assert r.returncode == 1 and "--eps must be a finite number > 0" in r.stderr
