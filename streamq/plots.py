@@ -832,3 +832,65 @@ def animate_alignment(align_dir, utt_id, out_path, fps=3.0, dpi=72) -> str:
     tr = load_trace(trace_path(align_dir, utt_id))
     fig, draw, n = alignment_figure(tr, title=f"{utt_id}: {' '.join(str(w) for w in tr['words'])}")
     return _save_animation(fig, draw, n, out_path, fps, dpi, dynamic=draw.dynamic)
+
+
+# ------------------------------------------------------------------ a final segmentation over the MFCCs
+def read_ctm(path, ids) -> dict:
+    """Segments of the utterances ``ids`` from a CTM file (``id channel start duration label``, seconds).
+
+    Returns {id: [(start, end, label), ...]} in file order; ids without a line are absent. One pass over
+    the file. ValueError naming the file and line for a malformed line of a wanted id."""
+    want = {str(i) for i in ids}
+    out: dict = {}
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            parts = line.split()
+            if not parts or parts[0] not in want:
+                continue
+            try:
+                start, dur = float(parts[2]), float(parts[3])
+                label = " ".join(parts[4:])
+            except (IndexError, ValueError):
+                raise ValueError(f"{path}:{n}: expected 'id channel start duration label', got {line.strip()!r}") \
+                    from None
+            out.setdefault(parts[0], []).append((start, start + dur, label))
+    return out
+
+
+def plot_segmentation(frames, words, chars, out_path, frame_step=0.01, title="", dpi=80) -> str:
+    """One utterance's final alignment without its posteriors: the MFCC image with word boundaries and
+    labels, above a strip with one cell per aligned character.
+
+    Parameters
+    ----------
+    frames : float (T, D) MFCC frames. words, chars : lists of (start s, end s, label).
+    out_path : PNG path. Returns it.
+    """
+    import numpy as np
+
+    plt = _plt()
+    X = np.asarray(frames, np.float64)
+    T, D = X.shape
+    t_end = T * frame_step
+    fig, (a0, a1) = plt.subplots(2, 1, figsize=(max(8.0, min(16.0, T / 45)), 4.6), sharex=True,
+                                 gridspec_kw={"height_ratios": [4, 1]})
+    lo, hi = np.percentile(X, [1, 99])
+    a0.imshow(X.T, aspect="auto", origin="lower", cmap="viridis", interpolation="nearest", vmin=lo, vmax=hi,
+              extent=(0, t_end, -0.5, D - 0.5))
+    for s, e, w in words:
+        a0.axvline(s, color="white", lw=1)
+        a0.axvline(e, color="white", lw=0.6, ls=":")
+        a0.text((s + e) / 2, D - 0.7, w, color="white", ha="center", va="top", fontsize=8, clip_on=True)
+    a0.set_ylabel("MFCC")
+    a0.set_title(title, fontsize=9)
+    for k, (s, e, c) in enumerate(chars):
+        a1.axvspan(s, e, color=("tab:blue", "tab:orange")[k % 2], alpha=0.35, lw=0)
+        a1.text((s + e) / 2, 0.5, c, ha="center", va="center", fontsize=7, clip_on=True)
+    a1.set_yticks([])
+    a1.set_ylabel("chars", fontsize=8)
+    a1.set_xlim(0, t_end)
+    a1.set_xlabel("seconds")
+    fig.tight_layout()
+    fig.savefig(out_path, dpi=dpi)
+    plt.close(fig)
+    return str(out_path)

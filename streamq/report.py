@@ -205,7 +205,7 @@ def worst_utterances(align_dir, n):
     return sorted(recs, key=key)[:max(0, int(n))]
 
 
-def _align(d: Path, tmp: Path, worst: int, fps: float) -> str:
+def _align(d: Path, tmp: Path, worst: int, fps: float, store_dir: Path) -> str:
     from .plots import animate_alignment, file_safe_id
 
     summary = find_file(d, "align_summary.json", "summary.json")
@@ -232,6 +232,7 @@ def _align(d: Path, tmp: Path, worst: int, fps: float) -> str:
         title = f"the {len(rows)} worst-scoring utterances (alignment_analysis.csv, lowest log-likelihood per frame)"
     if rows:
         parts += [f"<h3>{_esc(title)}</h3>", _table(rows, left=("id",))]
+    segs = None
     for k, r in enumerate(rows):
         uid = str(r["id"])
         try:
@@ -243,9 +244,42 @@ def _align(d: Path, tmp: Path, worst: int, fps: float) -> str:
         static = d / "plots" / f"{file_safe_id(uid)}.png"
         if static.exists():
             parts += [f"<h3>{_esc(uid)}: final alignment</h3>", _img(static, f"alignment of {uid}")]
-        else:
-            parts.append(f'<p class="note">{_esc(uid)}: no picture ({_esc(why)})</p>')
+            continue
+        if segs is None:
+            segs = _segments(d, [str(x["id"]) for x in rows])
+        try:
+            png = _segmentation_picture(store_dir, uid, segs, tmp / f"seg_{k}.png")
+            parts += [f"<h3>{_esc(uid)}: final segmentation (words.ctm, chars.ctm) over the MFCCs</h3>",
+                      _img(png, f"segmentation of {uid}")]
+        except ValueError as e:
+            parts.append(f'<p class="note">{_esc(uid)}: no picture ({_esc(why)}; {_esc(e)})</p>')
     return "\n".join(parts)
+
+
+def _segments(d: Path, ids) -> dict:
+    """{"words": {id: segments}, "chars": {...}} from align/words.ctm and chars.ctm (empty when absent)."""
+    from .plots import read_ctm
+
+    return {tier: read_ctm(d / f"{tier}.ctm", ids) if (d / f"{tier}.ctm").exists() else {}
+            for tier in ("words", "chars")}
+
+
+def _segmentation_picture(store_dir: Path, uid: str, segs: dict, out: Path) -> str:
+    """The MFCCs of ``uid`` from the run's store with its CTM segments; ValueError saying what is missing."""
+    from .plots import plot_segmentation
+    from .store import FrameStore
+
+    if uid not in segs["words"]:
+        raise ValueError("not in words.ctm")
+    if not store_dir.exists():
+        raise ValueError("no store/ to read its frames from")
+    st = FrameStore.open(store_dir)
+    ids = list(st.ids)
+    if uid not in ids:
+        raise ValueError(f"{store_dir}: no utterance {uid!r}")
+    X, text = st.utterance(ids.index(uid))
+    return plot_segmentation(X, segs["words"][uid], segs["chars"].get(uid, []), out, frame_step=st.frame_step,
+                             title=f"{uid}: {text}")
 
 
 # ------------------------------------------------------------------ the page
@@ -278,7 +312,7 @@ def write_report(run_dir, out=None, worst=3, fps=3.0) -> str:
                 elif part == "gmm":
                     sec = _gmm(d, tmp)
                 else:
-                    sec = _align(d, tmp, worst, fps)
+                    sec = _align(d, tmp, worst, fps, run / "store")
             except (ValueError, OSError, KeyError, json.JSONDecodeError) as e:
                 msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
                 log.warning("report: %s: %s", part, msg)

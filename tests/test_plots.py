@@ -266,6 +266,19 @@ def test_state_ticks_one_per_symbol():
     assert names == ["<sil>", "t", "e", "e", "<sil>", "1"] and ticks == [0, 2, 5, 8, 10, 11.5]
 
 
+def test_read_ctm_and_plot_segmentation(tmp_path):
+    ctm = tmp_path / "words.ctm"
+    ctm.write_text("a 1 0.00 0.20 the\nb 1 0.10 0.30 x\na 1 0.20 0.25 cat\n")
+    assert plots.read_ctm(ctm, ["a", "zz"]) == {"a": [(0.0, 0.2, "the"), (0.2, 0.45, "cat")]}
+    ctm.write_text("a 1 0.00 0.20 the\na 1 oops\n")
+    with pytest.raises(ValueError, match=r"words\.ctm:2: expected 'id channel start duration label'"):
+        plots.read_ctm(ctm, ["a"])
+    X = np.random.default_rng(0).normal(size=(50, 13)).astype(np.float32)
+    p = plots.plot_segmentation(X, [(0.0, 0.2, "the"), (0.2, 0.45, "cat")],
+                                [(0.05 * k, 0.05 * (k + 1), c) for k, c in enumerate("thecat")], tmp_path / "s.png")
+    assert np.asarray(Image.open(p).convert("L"), np.float64).var() > VAR_FLOOR
+
+
 # ------------------------------------------------------------------ formats
 def test_mp4_needs_ffmpeg_and_suffix_must_match(tmp_path, monkeypatch):
     monkeypatch.setenv("PATH", str(tmp_path))  # no ffmpeg here

@@ -41,7 +41,7 @@ def make_run(root, analysis=True, legacy=False):
     rng = np.random.default_rng(0)
     st = FrameStore.create(root / "store", dim=13, feature_config={"winlen": 0.025, "winstep": 0.01})
     st.append([{"id": f"u{i}", "frames": rng.normal(size=(50 + 10 * i, 13)).astype(np.float32),
-                "transcript": "the cat", "duration": 0.5 + 0.1 * i} for i in range(4)])
+                "transcript": "the cat", "duration": 0.5 + 0.1 * i} for i in range(5)])
     (root / "compare").mkdir()
     recs = [{"method": m, "stage": 0, "step": s, "k": 16, "frames_seen": 256 * s, "wall_seconds": 0.1 * s + j,
              "loss": 5.0 / (1 + s) + j, "entropy": 2.0 + 0.1 * s, "log_k": np.log(16), "utilisation": 0.9,
@@ -62,6 +62,9 @@ def make_run(root, analysis=True, legacy=False):
                                                 "loglik_per_frame": -51.2}))
     write_csv(a / name("align_history.csv", "history.csv"), [{"iteration": i, "loglik": -1000 + i, "loglik_per_frame": -52 + i} for i in range(3)])
     (a / "unaligned.tsv").write_text("utterance_id\treason\nu3\ttoo few frames for the transcript\n")
+    # u4: aligned, neither traced nor drawn: the report draws its CTM segments over the store's frames
+    (a / "words.ctm").write_text("u0 1 0.05 0.10 the\nu4 1 0.05 0.15 the\nu4 1 0.25 0.40 cat\n")
+    (a / "chars.ctm").write_text("".join(f"u4 1 {0.05 + 0.05 * k:.2f} 0.05 {c}\n" for k, c in enumerate("thecat")))
     for i, uid in enumerate(("u0", "u1")):
         write_trace(a, uid, n_iter=3, T=50 + 10 * i, seed=i)
     (a / "plots").mkdir()
@@ -71,7 +74,8 @@ def make_run(root, analysis=True, legacy=False):
                   [{"id": "u0", "loglik_per_frame": -50.0, "flagged": 0},
                    {"id": "u1", "loglik_per_frame": -58.0, "flagged": 1},
                    {"id": "u2", "loglik_per_frame": -55.0, "flagged": 0},
-                   {"id": "u3", "loglik_per_frame": "", "flagged": 1}])
+                   {"id": "u3", "loglik_per_frame": "", "flagged": 1},
+                   {"id": "u4", "loglik_per_frame": -56.0, "flagged": 1}])
     return root
 
 
@@ -82,7 +86,7 @@ def run_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def report(run_dir):
-    return write_report(run_dir, worst=3)
+    return write_report(run_dir, worst=4)
 
 
 def images(page):
@@ -93,16 +97,17 @@ def test_report_is_self_contained_with_every_part(report, run_dir):
     assert report == str(run_dir / "report.html")
     page = open(report, encoding="utf-8").read()
     srcs = images(page)
-    # compare: 2, codebook: the LBG animation, gmm: history.png, align: u1, u2, u0 (worst first)
-    assert len(srcs) == 7
+    # compare: 2, codebook: the LBG animation, gmm: history.png, align: u1, u4, u2, u0 (worst first)
+    assert len(srcs) == 8
     assert all(s.startswith(("data:image/png;base64,", "data:image/gif;base64,")) for s in srcs)
     assert "not run" not in page and "unreadable" not in page
     assert "http://" not in page and "https://" not in page and "<script" not in page
     worst = page[page.index("worst-scoring"):]
-    assert worst.index(">u1<") < worst.index(">u2<") < worst.index(">u0<")
+    assert worst.index(">u1<") < worst.index(">u4<") < worst.index(">u2<") < worst.index(">u0<")
+    assert "u4: final segmentation" in page
     assert "u3" in page  # listed among the unaligned
     assert "codeword usage" in page and "276" in page  # sum of the counts 0..23
-    assert page.count("data:image/gif") == 3  # LBG, u1 and u0 from traces; u2 has only its static PNG
+    assert page.count("data:image/gif") == 3  # LBG, u1 and u0 from traces; u2 its static PNG, u4 its CTM
 
 
 def test_usage_stats():
@@ -122,7 +127,7 @@ def test_report_worst_ordering_and_count(run_dir):
     from streamq.report import worst_utterances
 
     rows = worst_utterances(run_dir / "align", 10)
-    assert [r["id"] for r in rows] == ["u1", "u2", "u0", "u3"]  # no score sorts last
+    assert [r["id"] for r in rows] == ["u1", "u4", "u2", "u0", "u3"]  # no score sorts last
     assert [r["id"] for r in worst_utterances(run_dir / "align", 1)] == ["u1"]
 
 
@@ -151,7 +156,7 @@ def test_report_says_not_run_for_missing_parts(tmp_path):
 
 def test_report_reads_runs_with_the_older_file_names(tmp_path):
     page = open(write_report(make_run(tmp_path, legacy=True), worst=3), encoding="utf-8").read()
-    assert len(images(page)) == 7 and "not run" not in page and "unreadable" not in page
+    assert len(images(page)) == 7  # 4 + u1, u4, u2 and "not run" not in page and "unreadable" not in page
 
 
 def test_report_cli_prints_the_path(run_dir, tmp_path, capsys):
@@ -201,7 +206,7 @@ def probe(page_path, tmp_path):
 
 def test_report_images_load_in_headless_chromium(report, tmp_path):
     sizes = probe(report, tmp_path)
-    assert len(sizes) == 7
+    assert len(sizes) == 8
     assert all(w > 0 and h > 0 for w, h in sizes), sizes
     # the decoded sizes are the embedded files' own sizes
     for (w, h), src in zip(sizes, images(open(report, encoding="utf-8").read())):
