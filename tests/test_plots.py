@@ -288,6 +288,9 @@ def test_mp4_needs_ffmpeg_and_suffix_must_match(tmp_path, monkeypatch):
     assert not (tmp_path / "lbg.mp4").exists()
     with pytest.raises(ValueError, match="as .gif or .mp4, not .png"):
         plots.animate_lbg(fit, tmp_path / "lbg.png")
+    with pytest.raises(ValueError, match="fps must be > 0"):
+        plots.animate_lbg(fit, tmp_path / "lbg.gif", fps=0)
+    assert not list(tmp_path.glob("*.gif")) and not list(tmp_path.glob(".*"))
 
 
 def mp4_frames(path, tmp):
