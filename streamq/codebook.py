@@ -36,8 +36,8 @@ from sklearn.utils.validation import check_is_fitted, validate_data
 from .artifacts import ArtifactError, check_codebook, load_npz, save_npz
 from .kernels.assign import assign, cluster_stats
 from .kernels.lloyd import dead_codewords, ema_update, repair_dead, split
+from .inputs import float32, frames, training_source
 from .progress import bar, log
-from .store import ArraySource, FrameSource, as_source
 
 METRIC_COLUMNS = ["method", "stage", "step", "k", "frames_seen", "wall_seconds", "loss", "entropy", "log_k",
                   "utilisation", "dead", "repaired", "shifted", "imbalance"]
@@ -148,30 +148,6 @@ def _sample_excluding(source, n, seed, exclude):
     return source.take(idx)
 
 
-def _as_training_source(est, X, name="X"):
-    """``X`` as a FrameSource for fitting; sets ``est.n_features_in_``.
-
-    Stores, paths, memmaps, Zarr / Dask arrays and FrameSources are streamed as they are (their frames are
-    checked chunk by chunk). An in-memory array goes through scikit-learn's ``validate_data`` (ints become
-    floats, NaN / inf, empty, 1-D and sparse input are refused with sklearn's messages) and becomes float32.
-    """
-    if isinstance(X, (FrameSource, str, os.PathLike, np.memmap)) or (
-            not isinstance(X, (np.ndarray, list, tuple)) and hasattr(X, "chunks")):
-        src = as_source(X, name=name)
-    else:
-        X = validate_data(est, X, dtype=[np.float32, np.float64], ensure_min_samples=1)
-        src = ArraySource(_float32(X, name), name=name)
-    est.n_features_in_ = src.dim
-    return src
-
-
-def _float32(X, name="X") -> np.ndarray:
-    X32 = np.ascontiguousarray(X, dtype=np.float32)
-    if X.dtype != np.float32 and not np.isfinite(X32).all():
-        raise ValueError(f"{name}: values beyond float32 range (|x| > 3.4e38) cannot be clustered; rescale X")
-    return X32
-
-
 class _Codebook(TransformerMixin, BaseEstimator):
     """What every codebook estimator shares once fitted: ``predict``, ``transform``, ``score``.
 
@@ -186,8 +162,7 @@ class _Codebook(TransformerMixin, BaseEstimator):
         return self.codebook_
 
     def _frames(self, X) -> np.ndarray:
-        check_is_fitted(self, "codebook_")
-        return _float32(validate_data(self, X, dtype=[np.float32, np.float64], reset=False))
+        return frames(self, X, "codebook_")
 
     def predict(self, X) -> np.ndarray:
         """Index of the nearest codeword of each row of ``X`` (n, D): int64 (n,). Ties: lowest index."""
@@ -232,7 +207,7 @@ class RandomSample(_Codebook):
     def fit(self, X, y=None):
         """Draw the codebook from ``X`` (an (N, D) array, a store, a path); returns self."""
         t0 = time.perf_counter()
-        source = _as_training_source(self, X)
+        source = training_source(self, X)
         _check_k(self.n_clusters, source)
         K = int(self.n_clusters)
         H, exclude = held_out(source, K, self.eval_size, self.seed)
@@ -388,7 +363,7 @@ class _Trainer(_Codebook):
 
     def _setup(self, X):
         self._check_params()
-        source = _as_training_source(self, X)
+        source = training_source(self, X)
         _check_k(self.n_clusters, source)
         self._B = int(self.batch_size or self._default_batch())
         self._t0 = time.perf_counter()
@@ -485,7 +460,7 @@ class MiniBatchLloyd(_Trainer):
     def partial_fit(self, X, y=None):
         """One EMA step on batch ``X`` (B, D); the first call initialises from K distinct rows of ``X``."""
         first = not hasattr(self, "codebook_")
-        X = _float32(validate_data(self, X, dtype=[np.float32, np.float64], reset=first))
+        X = float32(validate_data(self, X, dtype=[np.float32, np.float64], reset=first))
         if first:
             self._check_params()
             if isinstance(self.init, str):

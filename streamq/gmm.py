@@ -30,14 +30,15 @@ import time
 import numba
 import numpy as np
 from sklearn.base import BaseEstimator, DensityMixin
-from sklearn.utils.validation import check_is_fitted, validate_data
+from sklearn.utils.validation import check_is_fitted
 
 from .artifacts import Gaussians, check_codebook
 from .kernels import gmm as _k
 from .kernels.assign import assign, cluster_stats
 from .kernels.lloyd import dead_codewords
+from .inputs import frames, training_source
 from .progress import bar, log
-from .store import ArraySource, FrameSource, as_source
+from .store import FrameSource
 
 HISTORY_FIELDS = ["iteration", "frames", "train_loglik", "heldout_loglik", "reseeded", "min_occupancy", "em_seconds",
                   "seconds"]
@@ -48,13 +49,6 @@ def _blas_single_thread():
     from threadpoolctl import threadpool_limits
 
     return threadpool_limits(1, user_api="blas")
-
-
-def _float32(X, name="X") -> np.ndarray:
-    X32 = np.ascontiguousarray(X, dtype=np.float32)
-    if X.dtype != np.float32 and not np.isfinite(X32).all():
-        raise ValueError(f"{name}: values beyond float32 range (|x| > 3.4e38); rescale the frames")
-    return X32
 
 
 class DiagGMM(DensityMixin, BaseEstimator):
@@ -153,20 +147,11 @@ class DiagGMM(DensityMixin, BaseEstimator):
         return 0 if g is None else int(g)
 
     def _frames(self, X) -> np.ndarray:
-        check_is_fitted(self, "means_")
-        return _float32(validate_data(self, X, dtype=[np.float32, np.float64], reset=False))
+        return frames(self, X, "means_")
 
     def _source(self, X, reset):
         """A FrameSource over ``X`` (streamed when it is a store, path, memmap or chunked array)."""
-        if isinstance(X, (FrameSource, str, np.memmap)) or hasattr(X, "__fspath__") or (
-                not isinstance(X, (np.ndarray, list, tuple)) and hasattr(X, "chunks")):
-            src = as_source(X)
-            if not reset and src.dim != self.n_features_in_:
-                raise ValueError(f"{src.name} has {src.dim} features, but DiagGMM is expecting "
-                                 f"{self.n_features_in_} features as input")
-            return src
-        X = validate_data(self, X, dtype=[np.float32, np.float64], reset=reset)
-        return ArraySource(_float32(X), name="X")
+        return training_source(self, X, reset=reset)
 
     # -------------------------------------------------------------- scoring
     def score_samples(self, X, gselect=None) -> np.ndarray:
