@@ -822,20 +822,20 @@ def synth_mbrola(es: "Espeak", text: str, voice: str, rate: int, pitch: int, pra
                  wordgap: int):
     """An MBROLA clip (see above): (int16 audio, word events on .pho boundaries, sample rate,
     info dict with the .pho phones, mbrola warnings and the largest event placement error)."""
-    pho = es.pho(text, voice, rate, pitch, prange, wordgap)
-    phones = parse_pho(pho)
-    if not phones:
-        raise ValueError(f"empty .pho file for {text!r}")
-    # the events synthesis makes audio through the mbrola process, which prints its warnings to
-    # the inherited stderr; render_mbrola counts them, so keep this pass quiet
+    # libespeak-ng runs an mbrola process (started when the voice is set) that prints its
+    # warnings to the inherited stderr; render_mbrola counts them, so keep these passes quiet
     saved = os.dup(2)
     try:
         with open(os.devnull, "w") as null:
             os.dup2(null.fileno(), 2)
+            pho = es.pho(text, voice, rate, pitch, prange, wordgap)
             es.synth(text, voice, rate, pitch, prange, wordgap)
     finally:
         os.dup2(saved, 2)
         os.close(saved)
+    phones = parse_pho(pho)
+    if not phones:
+        raise ValueError(f"empty .pho file for {text!r}")
     audio, sr, warnings = render_mbrola(pho, voice)
     if sr != es.out_sr:
         raise EspeakError(f"voice {voice!r}: mbrola renders at {sr} Hz, espeak-ng reports "
@@ -856,7 +856,7 @@ FORMATS = {"mp3": ("MP3", "MPEG_LAYER_III"), "wav": ("WAV", "PCM_16"), "flac": (
 # --broken cycles through these, in this order
 BROKEN_KINDS = ("truncated", "empty", "text", "garbage", "header_only")
 CLIP_INFO_COLUMNS = ["id", "path", "kind", "voice", "variant", "speaker", "rate_wpm", "pitch",
-                     "lead", "tail", "gain", "synth_sr", "mp3_delay", "duration",
+                     "pitch_range", "wordgap", "lead", "tail", "gain", "synth_sr", "mp3_delay", "duration",
                      "mbrola_warnings", "placement_ms"]
 
 
@@ -951,6 +951,11 @@ def make_clip(seed: int, index: int, sentence_index: int | None, out_dir: Path,
             if len(audio) == 0:
                 continue
             segs = word_segments(text, audio, events)
+            short = cfg["long_seconds"] - len(audio) / synth_sr
+            if kind == "long" and short > 0:  # spoken faster than assumed: add sentences
+                sentence += " " + " ".join(texts[i] for i in pick_sentences(rng, texts, 1.5 * short))
+                text = synth_text(sentence)
+                continue
             break
         except ValueError:
             continue
@@ -1012,7 +1017,8 @@ def make_clip(seed: int, index: int, sentence_index: int | None, out_dir: Path,
     )
     info = dict(id=clip_id, path=fname, kind=kind, voice=p["voice"],
                 variant="" if is_mbrola(p["voice"]) else p["variant"], speaker=voice_name,
-                rate_wpm=p["rate"], pitch=p["pitch"], lead=round(lead_s, 4),
+                rate_wpm=p["rate"], pitch=p["pitch"], pitch_range=p["prange"],
+                wordgap=p["wordgap"], lead=round(lead_s, 4),
                 tail=round(tail_n / out_sr, 4), gain=round(p["gain"], 4), synth_sr=synth_sr,
                 mp3_delay=delay, duration=round(n_decoded / out_sr, 4),
                 mbrola_warnings=extra.get("mbrola_warnings", ""),

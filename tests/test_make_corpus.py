@@ -119,3 +119,266 @@ def test_deterministic_across_jobs(corpus: Path, tmp_path: Path):
         assert (corpus / name).read_bytes() == (other / name).read_bytes()
     for p in (corpus / "clips").glob("*.mp3"):
         assert p.read_bytes() == (other / "clips" / p.name).read_bytes()
+
+
+# --------------------------------------------------------------------------------------------
+# The harder corpus: MBROLA voices, noise floor, silences, long and broken files
+# --------------------------------------------------------------------------------------------
+
+MB_VOICES = ["mb-us2", "mb-de2-en"]
+HARD_ARGS = ["--voices", ",".join(MB_VOICES), "--rate", "48000", "--format", "mp3",
+             "--noise-dbfs", "-60", "--lead-silence", "0.3:1.0", "--trail-silence", "0.2:0.5",
+             "--long", "1", "--long-seconds", "8", "--broken", "3", "--texts", "b"]
+
+
+def _run_hard(out: Path, jobs: int) -> None:
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--out", str(out), "--n", str(N),
+                           "--seed", "3", "--jobs", str(jobs)] + HARD_ARGS,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, f"make_corpus.py failed:\n{proc.stdout}\n{proc.stderr}"
+
+
+@pytest.fixture(scope="module")
+def mod():
+    return _load_module()
+
+
+@pytest.fixture(scope="module")
+def hard(tmp_path_factory, mod) -> Path:
+    try:
+        mod.load_library()
+        mod.check_mbrola(MB_VOICES)
+    except mod.EspeakError as e:  # fail loudly, never skip: scripts/test installs them
+        pytest.fail(f"MBROLA voices are required for this test (run scripts/install_mbrola.sh "
+                    f"as root): {e}")
+    out = tmp_path_factory.mktemp("hard") / "corpus"
+    _run_hard(out, jobs=2)
+    return out
+
+
+def _info(corpus: Path) -> dict[str, dict]:
+    _, rows = _tsv(corpus / "clip_info.tsv")
+    return {r["id"]: r for r in rows}
+
+
+def test_defaults_write_only_the_demo_files(corpus: Path):
+    assert sorted(p.name for p in corpus.iterdir()) == ["clips", "validated.tsv",
+                                                         "word_times.tsv"]
+
+
+def test_hard_layout_broken_and_long(hard: Path):
+    _, clips = _tsv(hard / "validated.tsv")
+    assert len(clips) == N + 1 + 3, "ordinary, long and broken clips are all in validated.tsv"
+    header, broken = _tsv(hard / "broken.tsv")
+    assert header == ["path", "kind", "note", "sentence"]
+    assert [b["kind"] for b in broken] == ["truncated", "empty", "text"]
+    info = _info(hard)
+    _, words = _tsv(hard / "word_times.tsv")
+    bad = {Path(b["path"]).stem for b in broken}
+    good = {c["path"][:-4] for c in clips} - bad
+    assert {w["id"] for w in words} == good, "broken files have no word timings"
+    for b in broken:
+        p = hard / "clips" / b["path"]
+        assert p.suffix == ".mp3"
+        if b["kind"] == "empty":
+            assert p.stat().st_size == 0
+        elif b["kind"] == "text":
+            assert p.read_text().startswith("This is a text file")
+            with pytest.raises(Exception):
+                sf.read(p)
+        else:  # truncated: a prefix of a real MP3, shorter than the clip it was cut from
+            full = float(info[p.stem]["duration"])
+            try:
+                y, sr = sf.read(p)
+                assert len(y) / sr < 0.8 * full
+            except Exception:
+                pass  # undecodable is broken too
+    longs = [i for i in info.values() if i["kind"] == "long"]
+    assert len(longs) == 1 and float(longs[0]["duration"]) >= 8.0
+    long_words = [w for w in words if w["id"] == longs[0]["id"]]
+    assert len(long_words) > 15 and float(long_words[-1]["end"]) > 7.0
+    texts_b = set(_load_module().HARVARD_B)
+    for c in clips:
+        if info[c["path"][:-4]]["kind"] == "clip":
+            assert c["sentence"] in texts_b, "--texts b: Harvard lists 9-16"
+
+
+def test_hard_voices_speakers_and_metadata(hard: Path, mod):
+    import hashlib
+
+    _, clips = _tsv(hard / "validated.tsv")
+    info = _info(hard)
+    for c in clips:
+        i = info[c["path"][:-4]]
+        assert i["voice"] in MB_VOICES and i["speaker"] == i["voice"] and i["variant"] == ""
+        assert c["client_id"] == hashlib.sha256(
+            f"streamq-espeak-{i['speaker']}".encode()).hexdigest() * 2, "speaker per clip"
+        gender, accent, _ = mod.MBROLA_VOICES[i["voice"]]
+        assert c["gender"] == gender and c["accents"] == accent
+        assert int(i["synth_sr"]) == 16000
+        if not i["kind"].startswith("broken"):
+            assert int(i["mp3_delay"]) == 0, "libsndfile's VBR writer: no delay in the decode"
+
+
+def test_hard_silences_and_noise_floor(hard: Path):
+    info = _info(hard)
+    _, words = _tsv(hard / "word_times.tsv")
+    by_id: dict[str, list[dict]] = {}
+    for w in words:
+        by_id.setdefault(w["id"], []).append(w)
+    for cid, ws in by_id.items():
+        i = info[cid]
+        y, sr = sf.read(hard / "clips" / i["path"], dtype="float64")
+        assert sr == 48000
+        lead, tail = float(i["lead"]), float(i["tail"])
+        assert 0.3 <= lead <= 1.0 + 1e-4 and 0.2 <= tail <= 0.5 + 1e-4
+        st, en = float(ws[0]["start"]), float(ws[-1]["end"])
+        assert st >= lead - 1e-4, "the first word starts after the leading silence"
+        assert len(y) / sr - en >= tail - 1e-3, "the trailing silence follows the last word"
+        # the noise floor: RMS of the leading silence, after MP3 coding, near -60 dBFS
+        seg = y[int(0.02 * sr):int((lead - 0.02) * sr)]
+        floor = 20 * np.log10(np.sqrt(np.mean(seg ** 2)))
+        assert -64.0 < floor < -57.0, f"{cid}: noise floor {floor:.1f} dBFS"
+        speech = 20 * np.log10(np.sqrt(np.mean(y[int(st * sr):int(en * sr)] ** 2)))
+        assert speech - floor > 25.0
+
+
+def test_hard_deterministic_across_jobs(hard: Path, tmp_path: Path):
+    other = tmp_path / "again"
+    _run_hard(other, jobs=1)
+    for name in ("validated.tsv", "word_times.tsv", "clip_info.tsv", "broken.tsv"):
+        assert (hard / name).read_bytes() == (other / name).read_bytes(), name
+    for p in (hard / "clips").iterdir():
+        assert p.read_bytes() == (other / "clips" / p.name).read_bytes(), p.name
+
+
+def test_mbrola_word_starts_are_pho_phone_boundaries(hard: Path, mod):
+    """Independently of the script's event mapping: every word's event_start is a phone
+    boundary of `espeak-ng --pho` for the same text and settings (cumulative durations), and
+    the decoded clip is mbrola's rendering of that .pho file, at the lead silence."""
+    import shutil
+    import tempfile
+
+    _, clips = _tsv(hard / "validated.tsv")
+    _, words = _tsv(hard / "word_times.tsv")
+    info = _info(hard)
+    assert shutil.which("espeak-ng"), "the espeak-ng program is needed (apt-get install espeak-ng)"
+    checked = 0
+    for c in clips:
+        i = info[c["path"][:-4]]
+        if i["kind"].startswith("broken"):
+            continue
+        text = mod.synth_text(c["sentence"])
+        pho = subprocess.run(["espeak-ng", "-v", i["voice"], "-s", i["rate_wpm"], "-p", i["pitch"],
+                              "-g", i["wordgap"], "--pho", "-q", text],
+                             capture_output=True, text=True, check=True).stdout
+        durs = [d for _, d in mod.parse_pho(pho)]
+        bounds = np.cumsum([0] + durs) / 1000.0
+        lead = float(i["lead"])
+        ws = [w for w in words if w["id"] == i["id"]]
+        assert len(ws) == len(c["sentence"].split())
+        for w in ws:
+            t = float(w["event_start"]) - lead
+            assert np.abs(bounds - t).min() < 2e-4, f"{i['id']} {w['word']}: {t:.4f} s is no " \
+                "phone boundary of espeak-ng --pho"
+        # the audio: mbrola's rendering of the .pho file of the clip's own settings (the pitch
+        # range too, which espeak-ng's command line cannot set), starting at the lead silence
+        code = (f"import importlib.util; spec = importlib.util.spec_from_file_location('mc', "
+                f"{str(SCRIPT)!r}); mc = importlib.util.module_from_spec(spec); "
+                f"spec.loader.exec_module(mc); print(mc.Espeak.get().pho({text!r}, "
+                f"{i['voice']!r}, {i['rate_wpm']}, {i['pitch']}, {i['pitch_range']}, "
+                f"{i['wordgap']}), end='')")
+        own = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                             check=True).stdout
+        def speech(ph):  # up to the last phone: the final pause differs (--pho: 451 ms)
+            k = max(j for j, (nm, _) in enumerate(ph) if not nm.startswith("_"))
+            return ph[:k + 1]
+
+        assert speech(mod.parse_pho(own)) == speech(mod.parse_pho(pho)), "same .pho as --pho"
+        with tempfile.TemporaryDirectory() as d:
+            (Path(d) / "x.pho").write_text(own)
+            db = mod.mbrola_db_path(mod.MBROLA_VOICES[i["voice"]][2])
+            subprocess.run(["mbrola", "-e", str(db), f"{d}/x.pho", f"{d}/x.wav"],
+                           capture_output=True, check=True)
+            ref, rsr = sf.read(f"{d}/x.wav", dtype="float64")
+        import soxr
+
+        ref = soxr.resample(ref, rsr, 48000, quality="VHQ")
+        y, sr = sf.read(hard / "clips" / i["path"], dtype="float64")
+        n0 = int(round(lead * sr))
+        n = min(len(ref), len(y) - n0) - 4800  # leave out the final pause
+        a, b = y[n0:n0 + n], ref[:n]
+        rho = float(a @ b / np.linalg.norm(a) / np.linalg.norm(b))
+        assert rho > 0.95, f"{i['id']}: decoded clip vs mbrola rendering correlate {rho:.3f}"
+        # and it peaks at the lead, to the 0.1 ms (4.8 samples) the times are rounded to
+        lags = np.arange(-12, 13)
+        off = [float(y[n0 + k:n0 + k + n] @ b) for k in lags]
+        assert abs(int(lags[np.argmax(off)])) <= 3
+        checked += 1
+    assert checked == N + 1
+
+
+def test_mbrola_mapping_agrees_with_exact_events(mod, tmp_path: Path):
+    """In a sentence without a pause espeak's events are exact; the .pho mapping must give
+    the very same word starts (run in a fresh process: libespeak-ng keeps state)."""
+    code = f"""
+import importlib.util, json, sys
+spec = importlib.util.spec_from_file_location("mc", {str(SCRIPT)!r})
+mc = importlib.util.module_from_spec(spec); spec.loader.exec_module(mc)
+es = mc.Espeak.get()
+text = mc.synth_text("The birch canoe slid on the smooth planks.")
+raw = es.synth(text, "mb-us2", 170, 50, 50, 0)[1]
+audio, placed, sr, info = mc.synth_mbrola(es, text, "mb-us2", 170, 50, 50, 0)
+print(json.dumps([sorted(set(s for _, _, s in raw)), [s for _, _, s in placed], sr, len(audio)]))
+"""
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    import json
+
+    raw, placed, sr, n = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert sr == 16000 and n > sr
+    assert len(placed) == 8 and placed == sorted(placed)
+    assert placed == raw
+
+
+def test_place_on_pho_with_a_slip_and_a_split(mod):
+    text = "ab \u200bcd \u200bef"
+    # .pho: a 50 | b 40 | _ 100 | _ 1 | c 30 | A 20 r 20 (one phoneme split in two) | e 40 f 60
+    phones = [("a", 50), ("b", 40), ("_", 100), ("_", 1), ("c", 30), ("A", 20), ("r", 20),
+              ("e", 40), ("f", 60)]
+    sr = 16000
+    ms = np.cumsum([0] + [d for _, d in phones])
+    at = lambda k: int(ms[k] * sr / 1000)  # noqa: E731
+    slip = -16  # the 1-ms pause asked for and not returned
+    phonemes = [("a", 0, at(0)), ("b", 0, at(1)), ("_:", 0, at(2)), ("_", 0, at(3)),
+                ("c", 4, at(4) + slip), ("A@", 0, at(5) + slip), ("e", 8, at(7) + slip),
+                ("f", 0, at(8) + slip)]
+    placed, worst = mod.place_on_pho(text, phonemes, phones, sr)
+    assert [(p, s) for p, _, s in placed] == [(0, at(0)), (3, at(4)), (7, at(7))]
+    assert worst == pytest.approx(1000 * 16 / sr)
+    # an event clock far off the .pho file is refused, not guessed
+    far = phonemes[:4] + [(n, p, s + 2000) for n, p, s in phonemes[4:]]
+    with pytest.raises(ValueError):
+        mod.place_on_pho(text, far, phones, sr)
+
+
+def test_encoder_delay_by_cross_correlation(mod):
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal(48000) * np.hanning(48000)
+    for lag in (0, 1105, -300):
+        y = np.roll(np.pad(x, 2000), lag)[2000:-2000] + 1e-3 * rng.standard_normal(48000)
+        got, rho = mod.encoder_delay(x, y, max_lag=4096)
+        assert got == lag and rho > 0.99
+
+
+def test_voice_options(mod):
+    assert mod.parse_voices("mbrola,en-us") == list(mod.MBROLA_VOICES) + ["en-us"]
+    assert mod.parse_voices("espeak,en-us") == mod.VOICES
+    with pytest.raises(ValueError):
+        mod.parse_voices(" , ")
+    with pytest.raises(mod.EspeakError, match="install_mbrola.sh"):
+        mod.check_mbrola(["mb-zz9"])
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--out", "/nonexistent/x", "--n", "1",
+                           "--lead-silence", "1.0:0.3"], capture_output=True, text=True)
+    assert proc.returncode == 2 and "--lead-silence" in proc.stderr
