@@ -218,29 +218,10 @@ def _save_gif_blit(fig, draw, n_frames, path, fps, dpi, dynamic):
     frames[0].save(path, format="GIF", save_all=True, append_images=frames[1:], duration=int(1000 / fps), loop=0)
 
 
-def read_metrics_csv(path, text=("id", "method")) -> list[dict]:
-    """A metrics CSV as dicts; numbers become floats, empty cells None, other text and the ``text`` columns
-    (identifiers, even when they look like numbers) stay text."""
-    import csv
-
-    def conv(k, v):
-        if v is None or v == "":
-            return None
-        if k in text:
-            return v
-        try:
-            return float(v)
-        except ValueError:
-            return v
-
-    with open(path, newline="") as f:
-        return [{k: conv(k, v) for k, v in r.items()} for r in csv.DictReader(f)]
-
-
 def find_file(directory, *names):
     """The first of ``names`` that exists in ``directory`` (a Path), or None. Output files carry the command's
-    prefix (``fit_history.csv``, ``codebook_stages.npz``, ...); older runs wrote plain names (``history.csv``,
-    ``stages.npz``): readers list both, newest first."""
+    prefix (``fit_history.csv``, ``gmm_history.csv``, ...); older runs wrote plain names (``history.csv``):
+    readers list both, newest first."""
     from pathlib import Path
 
     for n in names:
@@ -251,67 +232,46 @@ def find_file(directory, *names):
 
 
 # ------------------------------------------------------------------ LBG: the codebook after each doubling
-STAGES_FILES = ("codebook_stages.npz", "stages.npz")
 FIT_HISTORY_FILES = ("fit_history.csv", "history.csv")
 
 
 def load_lbg_stages(fit_dir):
     """The per-stage codebooks and history of an LBG fit directory (``streamq fit --method lbg``):
     ``codebook_stages.npz`` (``ks`` int (S,), ``codebooks`` (sum ks, D)) and ``fit_history.csv`` (or the
-    older names ``stages.npz``, ``history.csv``).
+    older name ``history.csv``).
 
     Returns
     -------
     ks : int64 (S,) codebook size after each stage; stages : list of S float32 (ks[s], D) arrays;
-    records : list of dicts, the rows of ``history.csv``.
+    records : list of dicts, the rows of the history (:func:`streamq.artifacts.read_records`).
 
     Raises
     ------
     ValueError
-        ``stages.npz`` or ``history.csv`` missing or malformed (the message names the file and field).
+        A file missing or malformed (the message names the file and field).
     """
     from pathlib import Path
 
     import numpy as np
 
+    from . import artifacts as af
+
     d = Path(fit_dir)
-    p = find_file(d, *STAGES_FILES)
-    if p is None:
-        raise ValueError(f"{d / STAGES_FILES[0]}: not found; per-stage codebooks are written by "
+    if not (d / af.CODEBOOK_STAGES).exists():
+        raise ValueError(f"{d / af.CODEBOOK_STAGES}: not found; per-stage codebooks are written by "
                          "`streamq fit --method lbg`")
-    z = _load_npz(p)
-    for f in ("ks", "codebooks"):
-        if f not in z:
-            raise ValueError(f"{p}: field '{f}' missing")
-    ks, C = np.asarray(z["ks"], np.int64).reshape(-1), np.asarray(z["codebooks"], np.float32)
+    ks, stages = af.load_stages(d)
     if ks.size == 0 or ks.min() < 1:
-        raise ValueError(f"{p}: field 'ks' must hold positive codebook sizes, got {ks.tolist()}")
-    if C.ndim != 2 or C.shape[0] != int(ks.sum()):
-        raise ValueError(f"{p}: field 'codebooks' has shape {C.shape}, expected ({int(ks.sum())}, D) = (sum(ks), D)")
-    ends = np.cumsum(ks)
-    stages = [C[e - k:e] for k, e in zip(ks, ends)]
+        raise ValueError(f"{d / af.CODEBOOK_STAGES}: field 'ks' must hold positive codebook sizes, got {ks.tolist()}")
+    stages = [np.asarray(c, np.float32) for c in stages]
     h = find_file(d, *FIT_HISTORY_FILES)
     if h is None:
         raise ValueError(f"{d / FIT_HISTORY_FILES[0]}: not found")
-    records = read_metrics_csv(h)
+    records = af.read_records(h)
     for f in ("stage", "frames_seen", "loss", "entropy", "log_k", "utilisation"):
         if records and f not in records[0]:
             raise ValueError(f"{h}: column '{f}' missing")
     return ks, stages, records
-
-
-def _load_npz(path) -> dict:
-    """Every array of an .npz (no pickle); ValueError naming the file when it is damaged or not an .npz."""
-    import zipfile
-
-    import numpy as np
-
-    try:
-        with np.load(path, allow_pickle=False) as z:
-            return {k: z[k] for k in z.files}
-    except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile) as e:
-        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise ValueError(f"{path}: cannot read ({msg}); damaged or not an .npz") from None
 
 
 def _nearest(X, C, block=4096):
@@ -371,11 +331,16 @@ def animate_lbg(fit_dir, out_path, fps=2.0, dpi=80) -> str:
     final = np.asarray(stages[-1], np.float64)
     mu, sd = final.mean(0), final.std(0) + 1e-12
     D = final.shape[1]
-    rows = [r for r in records if r.get("stage") is not None and r.get("loss") is not None]
-    x = np.array([float(r["frames_seen"] or 0) for r in rows])
-    st = np.array([int(r["stage"]) for r in rows])
-    col = {k: np.array([np.nan if r.get(k) is None else float(r[k]) for r in rows])
-           for k in ("loss", "entropy", "log_k", "utilisation")}
+    def num(v):
+        try:
+            return float(v)
+        except (TypeError, ValueError):
+            return float("nan")
+
+    rows = [r for r in records if np.isfinite(num(r.get("stage"))) and np.isfinite(num(r.get("loss")))]
+    x = np.nan_to_num(np.array([num(r.get("frames_seen")) for r in rows]))
+    st = np.array([int(num(r["stage"])) for r in rows], np.int64)
+    col = {k: np.array([num(r.get(k)) for r in rows]) for k in ("loss", "entropy", "log_k", "utilisation")}
 
     fig = plt.figure(figsize=(11, 6.2))
     gs = fig.add_gridspec(3, 2, width_ratios=[1, 2.2], hspace=0.45, wspace=0.25)
@@ -715,10 +680,9 @@ def load_trace(path) -> dict:
 
     if not Path(path).exists():
         raise ValueError(f"{path}: not found; `streamq align --plot N` records traces for the first N utterances")
-    tr = _load_npz(path)
-    missing = [f for f in TRACE_FIELDS if f not in tr]
-    if missing:
-        raise ValueError(f"{path}: field '{missing[0]}' missing")
+    from . import artifacts as af
+
+    tr = af.load_npz(path, required=TRACE_FIELDS)
     n, T, S = tr["posteriors"].shape if tr["posteriors"].ndim == 3 else (None,) * 3
     if n is None:
         raise ValueError(f"{path}: field 'posteriors' must be (n_iter, T, S), got shape {tr['posteriors'].shape}")

@@ -4,7 +4,7 @@ RUN_DIR may hold any of ``store/`` (a frame store), ``compare/`` (compare_histor
 pictures), ``codebook/`` (a fit directory; with ``codebook_stages.npz`` the LBG animation), ``gmm/``
 (gmm_history.csv, gmm_history.png) and ``align/`` (align_summary.json, align_history.csv, unaligned.tsv,
 alignment_analysis.csv, traces/, plots/). Runs written before the files had command prefixes (history.csv,
-stages.npz, config.json, summary.json, history.png) are read too. A part
+config.json, summary.json, history.png) are read too. A part
 that is missing reads "not run"; a part that cannot be read says why, and the rest of the page still renders.
 Every image is embedded as a base64 ``data:`` URI, so the page can be mailed or opened anywhere.
 """
@@ -21,7 +21,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .plots import find_file, read_metrics_csv  # one CSV reader and one file-name rule for pictures and report
+from .artifacts import read_records
+from .plots import find_file
 from .progress import log
 
 PARTS = ("store", "compare", "codebook", "gmm", "align")
@@ -119,7 +120,7 @@ def _compare(d: Path, tmp: Path) -> str:
     h = find_file(d, "compare_history.csv", "history.csv")
     if h is None:
         return _missing("compare/compare_history.csv")
-    recs = read_metrics_csv(h)
+    recs = read_records(h)
     last = {}
     for r in recs:
         last[r["method"]] = r
@@ -132,7 +133,8 @@ def _compare(d: Path, tmp: Path) -> str:
 
 
 def _codebook(d: Path, tmp: Path, fps: float) -> str:
-    from .plots import FIT_HISTORY_FILES, STAGES_FILES, animate_lbg
+    from .artifacts import CODEBOOK_STAGES
+    from .plots import FIT_HISTORY_FILES, animate_lbg
 
     h = find_file(d, *FIT_HISTORY_FILES)
     if h is None:
@@ -142,7 +144,7 @@ def _codebook(d: Path, tmp: Path, fps: float) -> str:
     if cfg is not None:
         c = json.loads(cfg.read_text())
         parts.append(_kv({k: v for k, v in c.items() if not isinstance(v, (dict, list))}))
-    recs = read_metrics_csv(h)
+    recs = read_records(h)
     if recs:
         r = recs[-1]
         cols = [c for c in ("method", "stage", "k", "step", "frames_seen", "wall_seconds", "loss", "entropy", "log_k",
@@ -151,11 +153,11 @@ def _codebook(d: Path, tmp: Path, fps: float) -> str:
     counts = find_file(d, "codebook_counts.npy", "counts.npy")
     if counts is not None:
         parts += ["<h3>codeword usage (codebook_counts.npy)</h3>", _kv(usage_stats(np.load(counts)))]
-    if find_file(d, *STAGES_FILES) is not None:
+    if (d / CODEBOOK_STAGES).exists():
         parts += ["<h3>LBG: the codebook after each split</h3>",
                   _img(animate_lbg(d, tmp / "lbg.gif", fps=max(1.0, fps / 2)), "LBG stages")]
     else:
-        parts.append(f'<p class="note">no {STAGES_FILES[0]}: no LBG animation (only `streamq fit --method lbg` keeps '
+        parts.append(f'<p class="note">no {CODEBOOK_STAGES}: no LBG animation (only `streamq fit --method lbg` keeps '
                      'each stage)</p>')
     return "\n".join(parts)
 
@@ -179,7 +181,7 @@ def _gmm(d: Path, tmp: Path) -> str:
     h = find_file(d, "gmm_history.csv", "history.csv")
     if h is None:
         return _missing("gmm/gmm_history.csv")
-    recs = read_metrics_csv(h)
+    recs = read_records(h)
     parts = ["<h3>EM iterations</h3>", _table(recs)]
     png = find_file(d, "gmm_history.png", "history.png")
     parts.append(_img(png, f"gmm/{png.name}") if png is not None else _missing("gmm/gmm_history.png"))
@@ -192,13 +194,19 @@ def worst_utterances(align_dir, n):
     p = Path(align_dir) / "alignment_analysis.csv"
     if not p.exists():
         return None
-    recs = read_metrics_csv(p)
+    import csv
+
+    with open(p, newline="", encoding="utf-8") as f:  # cells stay text: ids such as "007" are not numbers
+        recs = list(csv.DictReader(f))
     if recs and ("id" not in recs[0] or "loglik_per_frame" not in recs[0]):
         raise ValueError(f"{p}: needs columns 'id' and 'loglik_per_frame'")
 
     def key(r):
-        v = r.get("loglik_per_frame")
-        bad = v is None or not isinstance(v, float) or math.isnan(v)
+        try:
+            v = float(r.get("loglik_per_frame") or "nan")
+        except ValueError:
+            v = math.nan
+        bad = math.isnan(v)
         flagged = str(r.get("flagged") or "").strip().lower() in ("1", "1.0", "true", "yes")
         return (bad, math.inf if bad else v, not flagged)
 
@@ -214,7 +222,7 @@ def _align(d: Path, tmp: Path, worst: int, fps: float, store_dir: Path) -> str:
     parts = [_kv(json.loads(summary.read_text()))]
     h = find_file(d, "align_history.csv", "history.csv")
     if h is not None:
-        parts += ["<h3>EM iterations</h3>", _table(read_metrics_csv(h))]
+        parts += ["<h3>EM iterations</h3>", _table(read_records(h))]
     un = d / "unaligned.tsv"
     if un.exists():
         lines = [ln.split("\t", 1) for ln in un.read_text().splitlines()[1:] if ln.strip()]

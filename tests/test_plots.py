@@ -38,7 +38,7 @@ def assert_lively(frames, moving=True):
 # ------------------------------------------------------------------ fixtures written to the data contracts
 def write_lbg_fit(d, ks=(1, 2, 4, 8, 16, 24), D=5, seed=0, legacy=False):
     """A fit dir as `streamq fit --method lbg` writes it: fit_history.csv and codebook_stages.npz (ks,
-    codebooks); ``legacy``: the older names history.csv and stages.npz.
+    codebooks); ``legacy``: the history under its older name history.csv.
 
     The codebooks follow the split layout of kernels.lloyd.split (codeword k -> k and K + k), with a last
     stage that splits only some codewords; history rows carry the stage, frames_seen and metrics."""
@@ -53,8 +53,7 @@ def write_lbg_fit(d, ks=(1, 2, 4, 8, 16, 24), D=5, seed=0, legacy=False):
         nxt = np.concatenate([prev, prev[idx] - delta])
         nxt[idx] += delta
         stages.append(nxt.astype(np.float32))
-    np.savez(d / ("stages.npz" if legacy else "codebook_stages.npz"), ks=np.array(ks, np.int64),
-             codebooks=np.concatenate(stages))
+    np.savez(d / "codebook_stages.npz", ks=np.array(ks, np.int64), codebooks=np.concatenate(stages))
     rows, step, seen = [], 0, 0
     for s, k in enumerate(ks):
         for j in range(3):
@@ -143,16 +142,20 @@ def test_load_lbg_stages_names_the_bad_field(tmp_path, legacy):
     assert ks.tolist() == [1, 2, 4, 8, 16, 24] and [len(s) for s in stages] == ks.tolist()
     for a, b in zip(stages, written):
         np.testing.assert_array_equal(a, b)
-    assert records[-1]["pass"] == 1.0 and records[0]["pass"] is None
-    name = "stages.npz" if legacy else "codebook_stages.npz"
+    assert records[-1]["pass"] == 1 and np.isnan(records[0]["pass"])
+    name = "codebook_stages.npz"
     np.savez(fit / name, ks=np.array([1, 2, 4]), codebooks=np.zeros((6, 5), np.float32))
-    with pytest.raises(ValueError, match=rf"{name}: field 'codebooks' has shape \(6, 5\), expected \(7, D\)"):
+    with pytest.raises(ValueError, match=rf"{name}: 'ks' \(sum 7\) does not match 'codebooks' \(\(6, 5\)\)"):
         plots.load_lbg_stages(fit)
     (fit / name).write_bytes(b"PK\x03\x04 damaged")
-    with pytest.raises(ValueError, match=rf"{name}: cannot read .*damaged or not an .npz"):
+    with pytest.raises(ValueError, match=rf"{name}: cannot read .*damaged"):
         plots.load_lbg_stages(fit)
     (fit / name).unlink()
-    with pytest.raises(ValueError, match="codebook_stages.npz: not found"):
+    with pytest.raises(ValueError, match="codebook_stages.npz: not found; per-stage codebooks are written by"):
+        plots.load_lbg_stages(fit)
+    write_lbg_fit(tmp_path / "fit", legacy=legacy)
+    (fit / ("history.csv" if legacy else "fit_history.csv")).unlink()
+    with pytest.raises(ValueError, match="fit_history.csv: not found"):
         plots.load_lbg_stages(fit)
 
 
@@ -253,7 +256,7 @@ def test_alignment_trace_lookup_and_bad_fields(tmp_path):
         plots.load_trace(p)
     del d["loglik"]
     np.savez(p, **d)
-    with pytest.raises(ValueError, match="field 'loglik' missing"):
+    with pytest.raises(ValueError, match="missing field 'loglik'"):
         plots.load_trace(p)
 
 
