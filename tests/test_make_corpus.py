@@ -382,3 +382,138 @@ def test_voice_options(mod):
     proc = subprocess.run([sys.executable, str(SCRIPT), "--out", "/nonexistent/x", "--n", "1",
                            "--lead-silence", "1.0:0.3"], capture_output=True, text=True)
     assert proc.returncode == 2 and "--lead-silence" in proc.stderr
+
+
+# --------------------------------------------------------------------------------------------
+# scripts/eval_alignment.py: reading alignments and scoring them against word_times.tsv
+# --------------------------------------------------------------------------------------------
+
+def _eval_module():
+    spec = importlib.util.spec_from_file_location("eval_alignment",
+                                                  ROOT / "scripts" / "eval_alignment.py")
+    m = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(m)
+    return m
+
+
+LONG_TG = '''File type = "ooTextFile"
+Object class = "TextGrid"
+
+xmin = 0
+xmax = 2.5
+tiers? <exists>
+size = 2
+item []:
+    item [1]:
+        class = "IntervalTier"
+        name = "words"
+        xmin = 0
+        xmax = 2.5
+        intervals: size = 4
+        intervals [1]:
+            xmin = 0
+            xmax = 0.52
+            text = ""
+        intervals [2]:
+            xmin = 0.52
+            xmax = 1.0
+            text = "apple"
+        intervals [3]:
+            xmin = 1.0
+            xmax = 1.61
+            text = "shaped"
+        intervals [4]:
+            xmin = 1.61
+            xmax = 2.5
+            text = ""
+    item [2]:
+        class = "IntervalTier"
+        name = "chars"
+        xmin = 0
+        xmax = 2.5
+        intervals: size = 1
+        intervals [1]:
+            xmin = 0
+            xmax = 2.5
+            text = "a ""quoted"" label"
+'''
+
+SHORT_TG = '''File type = "ooTextFile"
+Object class = "TextGrid"
+
+0
+2.5
+<exists>
+1
+"IntervalTier"
+"words"
+0
+2.5
+3
+0
+0.52
+""
+0.52
+1.0
+"apple"
+1.0
+1.61
+"shaped"
+'''
+
+
+def test_eval_reads_textgrids_and_ctm(tmp_path: Path):
+    ev = _eval_module()
+    for name, text in (("long", LONG_TG), ("short", SHORT_TG)):
+        p = tmp_path / f"{name}.TextGrid"
+        p.write_text(text)
+        assert ev.read_textgrid(p) == [("apple", 0.52, 1.0), ("shaped", 1.0, 1.61)]
+    assert ev.read_textgrid(tmp_path / "long.TextGrid", "chars") == [('a "quoted" label', 0, 2.5)]
+    with pytest.raises(ev.EvalError):
+        ev.read_textgrid(tmp_path / "long.TextGrid", "phones")
+    ctm = tmp_path / "words.ctm"
+    ctm.write_text("u2 1 0.300 0.200 b 0.91\nu1 1 0.520 0.480 apple\nu1 1 1.000 0.610 shaped\n")
+    got = ev.read_ctm(ctm)
+    assert got["u1"] == [("apple", 0.52, 1.0), ("shaped", 1.0, pytest.approx(1.61))]
+    assert got["u2"] == [("b", 0.3, pytest.approx(0.5))], "extra columns (confidence) ignored"
+    ctm.write_text("u1 1 0.5\n")
+    with pytest.raises(ev.EvalError, match="words.ctm:1"):
+        ev.read_ctm(ctm)
+
+
+def test_eval_scores_against_word_times(tmp_path: Path):
+    ev = _eval_module()
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    (corpus / "word_times.tsv").write_text(
+        "id\tword_index\tword\tstart\tend\tevent_start\tevent_end\n"
+        "u1\t0\tThe\t0.500\t0.700\t0.5\t0.7\n"
+        "u1\t1\tapple-shaped\t0.720\t1.600\t0.72\t1.6\n"   # two words for the aligner
+        "u2\t0\tfish\t0.300\t0.600\t0.3\t0.6\n"
+        "u3\t0\tgone\t0.300\t0.600\t0.3\t0.6\n")
+    (corpus / "clip_info.tsv").write_text("id\tkind\tvoice\nu1\tclip\tmb-us1\nu2\tlong\ten-us\n"
+                                          "u3\tclip\ten-us\n")
+    al = tmp_path / "align"
+    al.mkdir()
+    (al / "words.ctm").write_text(
+        "u1 1 0.505 0.180 the\n"          # start +5 ms, end -15 ms
+        "u1 1 0.740 0.300 apple\n"        # start +20 ms
+        "u1 1 1.040 0.640 shaped\n"       # end +80 ms
+        "u2 1 0.300 0.300 dish\n")        # other words: mismatched, not scored
+    (al / "unaligned.tsv").write_text("utterance_id\treason\nu3\tno finite path\n")
+    r = ev.evaluate(al, corpus / "word_times.tsv")
+    assert r["utterances"] == dict(truth=3, compared=1, mismatched=1, missing=1, unaligned=1,
+                                   not_in_store=0)
+    assert r["boundaries"] == 4
+    assert r["within_10ms"] == 0.25 and r["within_20ms"] == 0.75 and r["within_50ms"] == 0.75
+    assert r["within_100ms"] == 1.0
+    assert r["median_ms"] == pytest.approx(17.5) and r["start"]["median_ms"] == pytest.approx(12.5)
+    assert list(r["by_voice"]) == ["mb-us1"] and r["by_voice"]["mb-us1"]["boundaries"] == 4
+    assert "mb-us1" in ev.format_report(r) and "1 compared" in ev.format_report(r)
+    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "eval_alignment.py"), "-",
+                           str(al), str(corpus / "word_times.tsv"), "--json"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    import json
+
+    assert json.loads(proc.stdout)["within_20ms"] == 0.75
