@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .artifacts import read_records
+from .artifacts import load_npy, read_json, read_records
 from .plots import find_file
 from .progress import log
 
@@ -142,7 +142,7 @@ def _codebook(d: Path, tmp: Path, fps: float) -> str:
     parts = []
     cfg = find_file(d, "fit_config.json", "config.json")
     if cfg is not None:
-        c = json.loads(cfg.read_text())
+        c = read_json(cfg)
         parts.append(_kv({k: v for k, v in c.items() if not isinstance(v, (dict, list))}))
     recs = read_records(h)
     if recs:
@@ -152,7 +152,7 @@ def _codebook(d: Path, tmp: Path, fps: float) -> str:
         parts += ["<h3>final record of history.csv</h3>", _table([r], cols, left=("method",))]
     counts = find_file(d, "codebook_counts.npy", "counts.npy")
     if counts is not None:
-        parts += ["<h3>codeword usage (codebook_counts.npy)</h3>", _kv(usage_stats(np.load(counts)))]
+        parts += ["<h3>codeword usage (codebook_counts.npy)</h3>", _kv(usage_stats(load_npy(counts)))]
     if (d / CODEBOOK_STAGES).exists():
         parts += ["<h3>LBG: the codebook after each split</h3>",
                   _img(animate_lbg(d, tmp / "lbg.gif", fps=max(1.0, fps / 2)), "LBG stages")]
@@ -219,7 +219,7 @@ def _align(d: Path, tmp: Path, worst: int, fps: float, store_dir: Path) -> str:
     summary = find_file(d, "align_summary.json", "summary.json")
     if summary is None:
         return _missing("align/align_summary.json")
-    parts = [_kv(json.loads(summary.read_text()))]
+    parts = [_kv(read_json(summary))]
     h = find_file(d, "align_history.csv", "history.csv")
     if h is not None:
         parts += ["<h3>EM iterations</h3>", _table(read_records(h))]
