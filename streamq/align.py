@@ -50,7 +50,12 @@ def gaussians_from_codebook(codebook, utterances: UtteranceSource, verbose=0) ->
 
 @dataclass
 class Alignment:
-    """One utterance's alignment. Frame ranges are [start, stop)."""
+    """One utterance's alignment. Frame ranges are [start, stop).
+
+    ``char_confidence`` / ``word_confidence``: the mean, over a segment's frames, of the posterior of the
+    Viterbi state at that frame (1: forward-backward agrees with the path everywhere). ``loglik_per_frame``:
+    the forward (total) log-likelihood of the utterance under its chain, per frame.
+    """
 
     utt_id: str
     path: np.ndarray                      # int64 (T,) state per frame
@@ -59,6 +64,65 @@ class Alignment:
     words: list                           # (start, stop, label)
     state_labels: list = field(default_factory=list)
     posteriors: np.ndarray | None = None  # float64 (T, S), when asked for
+    char_confidence: list = field(default_factory=list)
+    word_confidence: list = field(default_factory=list)
+    loglik_per_frame: float = float("nan")
+    word_states: list = field(default_factory=list)  # HMM states of each word (its shortest possible frames)
+    n_frames: int = 0
+
+
+ANALYSIS_FIELDS = ["id", "speaker", "frames", "seconds", "loglik_per_frame", "loglik_z", "silence_share",
+                   "shortest_char_s", "shortest_char_z", "longest_char_s", "longest_char_z", "squeezed_words",
+                   "mean_word_confidence", "min_word_confidence", "flagged", "reasons"]
+
+
+def analyse_alignments(alignments, speakers=None, frame_step=0.01, squeeze_margin=2, z_flag=3.0) -> list[dict]:
+    """A per-utterance quality report (the columns of MFA's ``alignment_analysis.csv`` and more).
+
+    Corpus norms: the median and MAD-based spread of the per-frame log-likelihood over utterances, and the
+    mean and standard deviation of log character durations over every character of the corpus. An
+    utterance is flagged when a word got fewer frames than its states + ``squeeze_margin`` (a word squeezed
+    into the minimum the HMM allows: a sign the transcript does not match the audio), its log-likelihood is
+    more than ``z_flag`` robust standard deviations below the corpus median, a character is longer than
+    ``z_flag`` standard deviations above the norm, or more than 90 % of it is silence. Returns one dict per
+    alignment (ANALYSIS_FIELDS), in order.
+    """
+    alignments = list(alignments)
+    if not alignments:
+        return []
+    ll = np.array([a.loglik_per_frame for a in alignments])
+    med = float(np.median(ll))
+    mad = float(np.median(np.abs(ll - med))) * 1.4826 or 1e-9
+    durs = np.concatenate([[b - s for s, b, _ in a.chars] for a in alignments] or [[1]]).astype(np.float64)
+    logd = np.log(np.maximum(durs, 1))
+    mu, sd = float(logd.mean()), float(logd.std()) or 1e-9
+    rows = []
+    for k, a in enumerate(alignments):
+        T = a.n_frames
+        cd = np.array([b - s for s, b, _ in a.chars], np.float64)
+        sil = T - int(cd.sum())
+        squeezed = sum(1 for (s, b, _), n in zip(a.words, a.word_states) if b - s < n + squeeze_margin)
+        lz = (a.loglik_per_frame - med) / mad
+        zmin = (np.log(max(cd.min(), 1)) - mu) / sd if len(cd) else 0.0
+        zmax = (np.log(max(cd.max(), 1)) - mu) / sd if len(cd) else 0.0
+        reasons = []
+        if squeezed:
+            reasons.append(f"{squeezed} word(s) squeezed into their minimum frames")
+        if lz < -z_flag:
+            reasons.append(f"log-likelihood {lz:.1f} robust sd below the corpus median")
+        if zmax > z_flag:
+            reasons.append(f"a character {zmax:.1f} sd longer than the corpus norm")
+        if sil > 0.9 * T:
+            reasons.append("over 90 % silence")
+        conf = a.word_confidence or [float("nan")]
+        rows.append({"id": a.utt_id, "speaker": (speakers[k] if speakers is not None else ""), "frames": T,
+                     "seconds": T * frame_step, "loglik_per_frame": a.loglik_per_frame, "loglik_z": lz,
+                     "silence_share": sil / T, "shortest_char_s": (cd.min() if len(cd) else 0) * frame_step,
+                     "shortest_char_z": zmin, "longest_char_s": (cd.max() if len(cd) else 0) * frame_step,
+                     "longest_char_z": zmax, "squeezed_words": squeezed,
+                     "mean_word_confidence": float(np.mean(conf)), "min_word_confidence": float(np.min(conf)),
+                     "flagged": int(bool(reasons)), "reasons": "; ".join(reasons)})
+    return rows
 
 
 def _segments(chain: Chain, path: np.ndarray):
@@ -324,10 +388,15 @@ class Aligner(BaseEstimator):
         if not np.isfinite(score):
             return i, None
         chars, words = _segments(ch, path)
-        gamma = forward_backward(log_emit, local, stay, nxt, skip)[0] if posteriors else None
+        gamma, ll = forward_backward(log_emit, local, stay, nxt, skip)[:2]
+        on_path = gamma[np.arange(len(path)), path]
         labels = self.inventory_.unit_labels()
+        k = self.states_per_symbol
         return i, Alignment(self.corpus_.ids[i], path, float(score), chars, words,
-                            [labels[u] for u in ch.units], gamma)
+                            [labels[u] for u in ch.units], gamma if posteriors else None,
+                            [float(on_path[a:b].mean()) for a, b, _ in chars],
+                            [float(on_path[a:b].mean()) for a, b, _ in words], float(ll) / len(path),
+                            [k * len(w) for w in ch.words], len(path))
 
     def align_corpus(self, indices=None, posteriors=()):
         """An iterator of (index, Alignment or None) over the fitted corpus, in order (None: see

@@ -92,10 +92,11 @@ def cmd_align(a):
     from .pipelines import run_align
 
     s = run_align(a.store, a.model, a.out, iters=a.iters, jobs=a.jobs, plots=a.plot, verbose=int(not a.quiet),
-                  states_per_symbol=a.states_per_symbol)
+                  states_per_symbol=a.states_per_symbol, formats=[f for f in a.format.split(",") if f])
     print(f"{s['out']}: aligned {s['aligned']} of {s['utterances']} utterances ({s['aligned_hours']:.3f} h) in "
           f"{s['iterations']} EM iterations, log-likelihood {s['loglik_per_frame']:.4f} per frame, "
-          f"{s['seconds']:.1f} s; {s['unaligned']} unaligned (see unaligned.tsv)")
+          f"{s['seconds']:.1f} s; {s['unaligned']} unaligned (see unaligned.tsv), {s['flagged']} flagged "
+          "(see alignment_analysis.csv)")
 
 
 def cmd_quantise(a):
@@ -279,6 +280,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--plot", type=int, default=0,
                    help="pictures and EM traces for the first N alignable utterances (default 0)")
     p.add_argument("--states-per-symbol", type=_positive_int, default=3, help="HMM states per character (default 3)")
+    p.add_argument("--format", default="textgrid",
+                   help="per-utterance files, comma-separated: textgrid (long), short-textgrid, json (MFA / praatio), "
+                   "csv (MFA); words.ctm, chars.ctm and alignment_analysis.csv are always written (default textgrid)")
     _add_common(p)
     p.set_defaults(func=cmd_align)
 

@@ -19,9 +19,9 @@ import numpy as np
 
 from . import artifacts as af
 from .align import HISTORY_FIELDS as ALIGN_FIELDS
-from .align import Aligner
+from .align import ANALYSIS_FIELDS, Aligner, analyse_alignments
 from .codebook import LBG, METRIC_COLUMNS, MiniBatchLloyd, RandomSample
-from .formats import fmt_seconds, frame_time_offset, safe_name, textgrid
+from .formats import FORMATS, csv_alignment, ctm_lines, frame_time_offset, json_alignment, safe_name, textgrid
 from .gmm import HISTORY_FIELDS as GMM_FIELDS
 from .gmm import DiagGMM
 from .kernels.assign import assign
@@ -31,7 +31,7 @@ from .transcripts import Inventory
 
 FIT_CONFIG, FIT_HISTORY, FIT_CHECKPOINT = "fit_config.json", "fit_history.csv", "fit_checkpoint.npz"
 GMM_CONFIG, GMM_HISTORY, GMM_PLOT, GMM_CHECKPOINT = "gmm_config.json", "gmm_history.csv", "gmm_history.png", "gmm.npz"
-ALIGN_HISTORY, ALIGN_SUMMARY = "align_history.csv", "align_summary.json"
+ALIGN_HISTORY, ALIGN_SUMMARY, ANALYSIS = "align_history.csv", "align_summary.json", "alignment_analysis.csv"
 COMPARE_HISTORY = "compare_history.csv"
 
 
@@ -215,12 +215,15 @@ def load_gmm(path, **params):
 
 
 # ------------------------------------------------------------------ alignment
-def run_align(store, model_dir, out, iters=30, jobs=1, plots=0, states_per_symbol=3, verbose=1,
-              **aligner_kw) -> dict:
+def run_align(store, model_dir, out, iters=30, jobs=1, plots=0, states_per_symbol=3, formats=("textgrid",),
+              verbose=1, **aligner_kw) -> dict:
     """``streamq align``: train the aligner on a store and write alignments.
 
-    Writes into ``out``: ``align_history.csv`` (log-likelihood per EM iteration), ``textgrids/ID.TextGrid``
-    (tiers ``chars`` and ``words``), ``words.ctm`` and ``chars.ctm`` (``id 1 start duration label``, seconds),
+    Writes into ``out``: ``align_history.csv`` (log-likelihood per EM iteration), per utterance in each of
+    ``formats`` (:data:`streamq.formats.FORMATS`) ``textgrids/ID.TextGrid`` (long or short form, tiers
+    ``words`` then ``phones``, the characters, as MFA names them), ``json/ID.json``, ``csv/ID.csv``;
+    ``words.ctm`` and ``chars.ctm`` (``id 1 start duration label confidence``, seconds),
+    ``alignment_analysis.csv`` (per-utterance quality and flags, :func:`streamq.align.analyse_alignments`),
     ``unaligned.tsv`` (``utterance_id<TAB>reason``), ``aligner.npz`` (unit labels, unit weights),
     ``align_summary.json`` and, when ``plots`` > 0, for the first ``plots`` alignable utterances
     ``plots/ID.png`` (posteriors over states x frames with the Viterbi path, above the MFCC image) and
@@ -245,6 +248,10 @@ def run_align(store, model_dir, out, iters=30, jobs=1, plots=0, states_per_symbo
         raise ValueError(f"{store}: field 'transcripts' is empty for every utterance; ingest with transcripts")
     if int(plots) < 0:
         raise ValueError(f"plots must be >= 0, got {plots}")
+    formats = tuple(formats)
+    bad = [f for f in formats if f not in FORMATS]
+    if bad or not formats:
+        raise ValueError(f"--format {','.join(bad) or '(none)'}: choose from {', '.join(FORMATS)}")
     model = af.load_model(model_dir)
     mdim = model.dim if isinstance(model, af.Gaussians) else model.shape[1]
     if mdim != fs.dim:
@@ -263,10 +270,11 @@ def run_align(store, model_dir, out, iters=30, jobs=1, plots=0, states_per_symbo
         al.fit(corpus)
         step = corpus.frame_step
         off = frame_time_offset(corpus.feature_config)
-        tg_dir = out / "textgrids"
-        tg_dir.mkdir(exist_ok=True)
+        dirs = {"textgrid": "textgrids", "short-textgrid": "textgrids", "json": "json", "csv": "csv"}
+        for f in formats:
+            (out / dirs[f]).mkdir(exist_ok=True)
         n_ok, frames_ok = 0, 0
-        words_ctm, chars_ctm = [], []
+        words_ctm, chars_ctm, done, done_speakers = [], [], [], []
         with bar(corpus.n, "align decode", "utt", not verbose) as pb:
             for i, a in al.align_corpus(posteriors=set(al.traces_)):
                 pb.update(1)
@@ -275,32 +283,47 @@ def run_align(store, model_dir, out, iters=30, jobs=1, plots=0, states_per_symbo
                 n_ok += 1
                 T = len(a.path)
                 frames_ok += T
-                xmax = max(T * step + 2 * off, float(corpus.durations[i]))
-                uid = corpus.ids[i]
+                dur = float(corpus.durations[i])
+                xmax = dur if dur > 0 else T * step + 2 * off  # the audio's exact duration when known
+                uid, name = corpus.ids[i], safe_name(corpus.ids[i])
 
                 def secs(segs):
-                    return [(0.0 if s == 0 else s * step + off, xmax if e == T else e * step + off, lab)
+                    return [(0.0 if s == 0 else s * step + off, xmax if e == T else min(e * step + off, xmax), lab)
                             for s, e, lab in segs]
 
                 cs, ws = secs(a.chars), secs(a.words)
-                for lines, segs in ((chars_ctm, cs), (words_ctm, ws)):
-                    lines += [f"{uid} 1 {fmt_seconds(s)} {fmt_seconds(e - s)} {lab}\n" for s, e, lab in segs]
-                af.write_text(tg_dir / f"{safe_name(uid)}.TextGrid", textgrid([("chars", cs), ("words", ws)], xmax))
+                chars_ctm += ctm_lines(uid, cs, a.char_confidence)
+                words_ctm += ctm_lines(uid, ws, a.word_confidence)
+                tiers = [("words", ws), ("phones", cs)]
+                for f in formats:
+                    if f in ("textgrid", "short-textgrid"):
+                        af.write_text(out / "textgrids" / f"{name}.TextGrid",
+                                      textgrid(tiers, xmax, short=f == "short-textgrid"))
+                    elif f == "json":
+                        af.write_text(out / "json" / f"{name}.json", json_alignment(tiers, xmax))
+                    else:
+                        af.write_text(out / "csv" / f"{name}.csv", csv_alignment(tiers, corpus.speakers[i]))
                 if i in al.traces_:
-                    _write_trace(out, al, i, a, corpus, ws, safe_name(uid))
+                    _write_trace(out, al, i, a, corpus, ws, name)
+                a.path, a.posteriors = a.path[:0], None  # keep only what the analysis needs
+                done.append(a)
+                done_speakers.append(corpus.speakers[i])
         if n_ok == 0:
             reasons = sorted(set(al.unaligned_.values()))
             raise ValueError(f"{store}: no utterance could be aligned ({len(al.unaligned_)} unaligned: "
                              f"{'; '.join(reasons[:2])})")
         af.write_text(out / "words.ctm", "".join(words_ctm))
         af.write_text(out / "chars.ctm", "".join(chars_ctm))
+        analysis = analyse_alignments(done, done_speakers, step)
+        af.write_records(analysis, out / ANALYSIS, ANALYSIS_FIELDS, extras=False)
         af.write_text(out / "unaligned.tsv", "utterance_id\treason\n"
                       + "".join(f"{corpus.ids[i]}\t{al.unaligned_[i]}\n" for i in sorted(al.unaligned_)))
         af.write_records(al.history_, out / ALIGN_HISTORY, ALIGN_FIELDS, extras=False)
         af.save_npz(out / af.ALIGNER, units=np.array(al.inventory_.unit_labels()), unit_weights=al.unit_weights_,
                     states_per_symbol=np.int64(al.states_per_symbol))
         hist = al.history_
-        summary = {"utterances": corpus.n, "aligned": n_ok, "unaligned": len(al.unaligned_),
+        flagged = sum(r["flagged"] for r in analysis)
+        summary = {"utterances": corpus.n, "aligned": n_ok, "unaligned": len(al.unaligned_), "flagged": flagged,
                    "iterations": len(hist), "loglik_per_frame": hist[-1]["loglik_per_frame"] if hist else None,
                    "aligned_hours": frames_ok * step / 3600, "seconds": time.perf_counter() - t_start,
                    "symbols": len(al.inventory_.symbols), "units": al.inventory_.n_units,

@@ -164,7 +164,7 @@ def test_gaussians_from_codebook():
 
 def test_textgrid_fills_gaps():
     tg = textgrid([("words", [(0.1, 0.3, "a"), (0.5, 0.9, 'say "x"')])], 1.0)
-    assert "intervals: size = 5" in tg and 'text = "say ""x"""' in tg and "xmax = 1.0000" in tg
+    assert "intervals: size = 5" in tg and 'text = "say ""x"""' in tg and "xmax = 1.0\n" in tg
 
 
 # --------------------------------------------------------------------------- run_align
@@ -197,6 +197,7 @@ def test_run_align_outputs(store_and_models, kind):
     assert len(words) == sum(len(t) for t in truth)
     u0 = [w for w in words if w[0] == "u00"]
     assert [w[4] for w in u0] == ["abc", "de"] and all(w[1] == "1" for w in u0)
+    assert all(0 < float(w[5]) <= 1.0001 for w in words)  # confidence: mean posterior of the path's states
     # times: frame boundary t -> t * 0.01 + 0.0075 (half of window - step)
     starts = np.array([float(w[2]) for w in u0])
     true_starts = np.array([a for a, _, _ in truth[0]]) * 0.01 + 0.0075
@@ -204,13 +205,58 @@ def test_run_align_outputs(store_and_models, kind):
     chars = (out / "chars.ctm").read_text().splitlines()
     assert sum(ln.startswith("u00 ") for ln in chars) == 5
     tg = (out / "textgrids" / "u00.TextGrid").read_text()
-    assert 'name = "chars"' in tg and 'name = "words"' in tg and 'text = "abc"' in tg
+    assert tg.index('name = "words"') < tg.index('name = "phones"') and 'text = "abc"' in tg
     assert len(list((out / "textgrids").glob("*.TextGrid"))) == 24
     assert (out / "plots" / "u00.png").stat().st_size > 1000
     tr = np.load(out / "traces" / "u00.npz")
     assert tr["posteriors"].shape[0] == 5 and tr["paths"].shape == (5, len(tr["frames"]))
     np.testing.assert_allclose(tr["posteriors"][-1].astype(np.float64).sum(1), 1.0, atol=1e-2)
     assert list(tr["words"]) == ["abc", "de"]
+
+
+def test_every_output_format_loads_in_praatio(store_and_models, tmp_path):
+    from praatio import textgrid as ptg
+
+    root, truth = store_and_models
+    out = tmp_path / "fmt"
+    run_align(root / "store", root / "gmm", out, iters=3, formats=("short-textgrid", "json", "csv"), verbose=0)
+    st = FrameStore.open(root / "store")
+    for i in (0, 7):
+        uid, dur = st.ids[i], float(st.durations[i])
+        for f in (out / "textgrids" / f"{uid}.TextGrid", out / "json" / f"{uid}.json"):
+            tg = ptg.openTextgrid(str(f), includeEmptyIntervals=True)
+            assert tg.tierNames == ("words", "phones") and tg.maxTimestamp == pytest.approx(dur, abs=1e-9)  # the audio's
+            words = [e.label for e in tg.getTier("words").entries if e.label]
+            assert words == [w for _, _, w in truth[i]]
+            assert tg.getTier("words").entries[-1].end == tg.maxTimestamp
+        rows = list(csv.DictReader(open(out / "csv" / f"{uid}.csv")))
+        assert [r["Label"] for r in rows if r["Type"] == "words"] == [w for _, _, w in truth[i]]
+        assert set(rows[0]) == {"Begin", "End", "Label", "Type", "Speaker"}
+    run_align(root / "store", root / "gmm", tmp_path / "long", iters=1, verbose=0)
+    tg = ptg.openTextgrid(str(tmp_path / "long" / "textgrids" / "u03.TextGrid"), includeEmptyIntervals=True)
+    assert tg.maxTimestamp == pytest.approx(float(st.durations[3]), abs=1e-9)
+    with pytest.raises(ValueError, match="--format praat: choose from"):
+        run_align(root / "store", root / "gmm", tmp_path / "x", formats=("praat",), verbose=0)
+
+
+def test_quality_report_flags_a_wrong_transcript(corpus, tmp_path):
+    Xs, texts, truth, model = corpus
+    st = FrameStore.create(tmp_path / "store", dim=D, feature_config={"winlen": 0.025, "winstep": 0.01})
+    wrong = list(texts)
+    wrong[5] = "a " + "eeddccbbaa"  # 'a bed': the second word swapped for a long unrelated one
+    st.append([{"id": f"u{i:02d}", "frames": X, "transcript": t, "duration": len(X) * 0.01}
+               for i, (X, t) in enumerate(zip(Xs, wrong))])
+    (tmp_path / "gmm").mkdir()
+    np.savez(tmp_path / "gmm" / "gmm.npz", **model)
+    s = run_align(tmp_path / "store", tmp_path / "gmm", tmp_path / "out", iters=8, verbose=0)
+    rows = list(csv.DictReader(open(tmp_path / "out" / "alignment_analysis.csv")))
+    assert len(rows) == s["aligned"] == len(Xs)
+    flagged = {r["id"] for r in rows if r["flagged"] == "1"}
+    assert "u05" in flagged and len(flagged) <= 2, flagged
+    bad = next(r for r in rows if r["id"] == "u05")
+    assert int(bad["squeezed_words"]) >= 1 and "squeezed" in bad["reasons"]
+    assert float(bad["loglik_z"]) < min(float(r["loglik_z"]) for r in rows if r["id"] != "u05")
+    assert all(0 < float(r["mean_word_confidence"]) <= 1 for r in rows)
 
 
 def test_run_align_bad_input(store_and_models, tmp_path):
