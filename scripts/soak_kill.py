@@ -95,9 +95,71 @@ def compare_stores(a: Path, b: Path) -> str | None:
     return None
 
 
+# ------------------------------------------------------------------------------- fit, gmm, align
+def fit_argv(ctx: Ctx, out: Path) -> list:
+    return streamq("fit", ctx.clean["ingest"], out, "--k", ctx.args.k, "--seed", 1, "--resume")
+
+
+def gmm_argv(ctx: Ctx, out: Path) -> list:
+    return streamq("gmm", ctx.clean["ingest"], ctx.clean["fit"], out, "--iters", 5, "--resume")
+
+
+def align_argv(ctx: Ctx, out: Path) -> list:
+    return streamq("align", ctx.clean["ingest"], ctx.clean["gmm"], out, "--iters", 10, "--plot", 1)
+
+
+def same_files(names):
+    """compare(): the named files (or every file under a named directory) are byte-identical (.npz: their
+    arrays)."""
+    def compare(a: Path, b: Path) -> str | None:
+        for n in names:
+            fa = sorted(p.relative_to(a) for p in (a / n).rglob("*")) if (a / n).is_dir() else [Path(n)]
+            fb = sorted(p.relative_to(b) for p in (b / n).rglob("*")) if (b / n).is_dir() else [Path(n)]
+            if fa != fb:
+                return f"{n}: different files"
+            for f in fa:
+                if not (b / f).exists():
+                    return f"{f} missing"
+                if f.suffix == ".npz":  # zip members carry timestamps: compare the arrays, bit for bit
+                    with np.load(a / f) as za, np.load(b / f) as zb:
+                        if sorted(za.files) != sorted(zb.files) or any(
+                                za[k].tobytes() != zb[k].tobytes() for k in za.files):
+                            return f"{f} differs"
+                elif (a / f).read_bytes() != (b / f).read_bytes():
+                    return f"{f} differs"
+        return None
+    return compare
+
+
+def loadable(names):
+    """check(): after a kill, each named file that exists is whole (np.load / text reads it)."""
+    def check(out: Path) -> str | None:
+        from streamq import artifacts as af
+
+        for n in names:
+            f = out / n
+            if not f.exists():
+                continue
+            try:
+                if f.suffix == ".npz":
+                    af.load_npz(f)
+                elif f.suffix == ".npy":
+                    af.load_npy(f)
+                else:
+                    f.read_text(encoding="utf-8")
+            except Exception as e:  # noqa: BLE001 - any unreadable file is what the soak looks for
+                return f"{n}: {e}"
+        return None
+    return check
+
+
 CASES = [
     Case("ingest", ingest_argv, compare_stores, check_store),
-    # the lead adds: Case("fit", ..., needs=("ingest",)), Case("gmm", ...), Case("align", ...)
+    Case("fit", fit_argv, same_files(["codebook.npy", "codebook_counts.npy", "codebook_stages.npz"]),
+         loadable(["codebook.npy", "fit_checkpoint.npz", "codebook_stages.npz"]), needs=("ingest",)),
+    Case("gmm", gmm_argv, same_files(["gmm.npz"]), loadable(["gmm.npz"]), needs=("ingest", "fit")),
+    Case("align", align_argv, same_files(["words.ctm", "chars.ctm", "unaligned.tsv", "textgrids", "aligner.npz"]),
+         loadable(["words.ctm", "aligner.npz", "align_summary.json"]), needs=("ingest", "gmm")),
 ]
 
 
@@ -168,6 +230,7 @@ def main(argv=None) -> int:
     ap.add_argument("--corpus", type=Path, default=ROOT / "data" / "commonvoice_demo",
                     help="ingest source (default data/commonvoice_demo)")
     ap.add_argument("--chunk-frames", type=int, default=256, help="ingest --chunk-frames: small = frequent commits")
+    ap.add_argument("--k", type=int, default=64, help="fit --k (default 64)")
     ap.add_argument("--only", nargs="*", default=None, help="case names to run (default: all)")
     ap.add_argument("--keep", type=Path, default=None, help="work directory to keep (default: a temporary one)")
     a = ap.parse_args(argv)
