@@ -38,6 +38,7 @@ import contextlib
 import fcntl
 import json
 import os
+import re
 import shutil
 import uuid
 from pathlib import Path
@@ -54,6 +55,63 @@ class StoreError(ValueError):
 
 def default_chunk_frames(dim: int) -> int:
     return max(1024, (DEFAULT_CHUNK_BYTES // (4 * max(dim, 1))) // 1024 * 1024)
+
+
+# ------------------------------------------------------------------------- stores on object storage
+def is_url(obj) -> bool:
+    """True for an fsspec URL such as ``s3://bucket/store.zarr`` or ``gs://...`` (not a local path)."""
+    if not isinstance(obj, str) or "://" not in obj:
+        return False
+    scheme = obj.split("://", 1)[0]
+    return re.fullmatch(r"[A-Za-z][A-Za-z0-9+.-]+", scheme) is not None and scheme.lower() != "file"
+
+
+def storage_options(url: str) -> dict:
+    """fsspec options for ``url`` from the usual environment. Credentials are left to the filesystem's own
+    lookup (``AWS_ACCESS_KEY_ID`` / ``AWS_SECRET_ACCESS_KEY`` / profiles for s3fs, ``GOOGLE_APPLICATION_CREDENTIALS``
+    for gcsfs); for ``s3://`` the endpoint comes from ``AWS_ENDPOINT_URL_S3`` or ``AWS_ENDPOINT_URL``
+    (MinIO, Ceph, moto) and the region from ``AWS_DEFAULT_REGION`` / ``AWS_REGION``."""
+    opts: dict = {}
+    if url.startswith(("s3://", "s3a://")):
+        client = {}
+        endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+        if endpoint:
+            client["endpoint_url"] = endpoint
+        region = os.environ.get("AWS_DEFAULT_REGION") or os.environ.get("AWS_REGION")
+        if region:
+            client["region_name"] = region
+        if client:
+            opts["client_kwargs"] = client
+    return opts
+
+
+def _open_remote_group(url: str):
+    """The Zarr group at ``url`` through zarr's FsspecStore, read-only (or a StoreError naming the URL)."""
+    import zarr
+    from zarr.storage import FsspecStore
+
+    url = url.rstrip("/")
+    try:
+        st = FsspecStore.from_url(url, read_only=True, storage_options=storage_options(url))
+    except ImportError as e:  # s3fs / gcsfs missing
+        raise StoreError(f"{url}: reading this URL needs an fsspec filesystem that is not installed ({e}); "
+                         "pip install 'streamq[dask]' (s3fs) or the filesystem for the scheme") from None
+    try:
+        return zarr.open(store=st, mode="r")
+    except FileNotFoundError:
+        raise StoreError(f"{url}: not a streamq frame store (no zarr.json); create one locally with "
+                         "`streamq ingest` and copy it there") from None
+    except Exception as e:  # credentials, endpoint, bucket: one line naming the URL
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise StoreError(f"{url}: cannot open ({type(e).__name__}: {msg})") from None
+
+
+def refuse_remote_write(url: str) -> StoreError:
+    """The error for writing a store at a URL (object stores have no atomic rename or writer lock)."""
+    return StoreError(f"{url}: streamq writes stores only on a local or shared file system (object storage has no "
+                      "atomic rename and no lock, so a killed ingest could not be resumed safely); ingest "
+                      "locally, then copy the finished store, e.g. `streamq ingest CORPUS store.zarr && "
+                      f"aws s3 cp --recursive store.zarr {url}`")
 
 
 class FrameSource:
@@ -181,6 +239,8 @@ class FrameSource:
 class ArraySource(FrameSource):
     """Any (N, D) float array (NumPy, ``np.load(..., mmap_mode='r')``, zarr.Array) as a frame source."""
 
+    url = None  # a path or URL workers can reopen (set by as_source for .npy files and Zarr arrays)
+
     def __init__(self, array, name: str = "array", chunk_frames: int | None = None):
         shape = getattr(array, "shape", None)
         dtype = np.dtype(getattr(array, "dtype", np.float64))
@@ -289,7 +349,9 @@ class FrameStore(FrameSource):
     """
 
     def __init__(self, path, group, writable=False):
-        self.path, self.group, self.writable = Path(path), group, writable
+        self.remote = is_url(path)
+        self.path = str(path).rstrip("/") if self.remote else Path(path)
+        self.group, self.writable = group, writable
         self.name = str(path)
         self._id_set = None
         self._reload()
@@ -306,6 +368,8 @@ class FrameStore(FrameSource):
         """
         import zarr
 
+        if is_url(path):
+            raise refuse_remote_write(str(path))
         path = Path(path)
         if not (path / "zarr.json").exists():
             if path.exists() and (not path.is_dir() or any(path.iterdir())):
@@ -359,12 +423,20 @@ class FrameStore(FrameSource):
         """
         import zarr
 
-        path = Path(path)
         if mode not in ("r", "a"):
             raise ValueError(f"mode must be 'r' or 'a', got {mode!r}")
-        if not (path / "zarr.json").exists():
-            raise StoreError(f"{path}: not a streamq frame store (no zarr.json); create one with `streamq ingest`")
-        g = zarr.open_group(str(path), mode="r" if mode == "r" else "r+")
+        if is_url(path):  # object storage (fsspec): read-only
+            if mode != "r":
+                raise refuse_remote_write(str(path))
+            path = str(path).rstrip("/")
+            g = _open_remote_group(path)
+            if not isinstance(g, zarr.Group):
+                raise StoreError(f"{path}: a Zarr array, not a streamq frame store")
+        else:
+            path = Path(path)
+            if not (path / "zarr.json").exists():
+                raise StoreError(f"{path}: not a streamq frame store (no zarr.json); create one with `streamq ingest`")
+            g = zarr.open_group(str(path), mode="r" if mode == "r" else "r+")
         a = g.attrs.asdict()
         if "streamq_format" not in a:
             raise StoreError(f"{path}: Zarr group is not a streamq frame store (no streamq_format attribute)")
@@ -592,9 +664,20 @@ class FrameStore(FrameSource):
         off = self.offsets
         return self.read(off[i], off[i + 1]), self.transcripts[i]
 
+    @property
+    def url(self) -> str:
+        """Where the store is, as a string any worker can open: a local path or an fsspec URL."""
+        return str(self.path)
+
     def info(self) -> dict:
         """Summary numbers for ``streamq info``."""
-        size = sum(f.stat().st_size for f in self.path.rglob("*") if f.is_file())
+        if self.remote:
+            import fsspec
+
+            fs, root = fsspec.core.url_to_fs(self.path, **storage_options(self.path))
+            size = int(fs.du(root))
+        else:
+            size = sum(f.stat().st_size for f in self.path.rglob("*") if f.is_file())
         hours = float(self.durations.sum()) / 3600 if self.n_utterances else 0.0
         return {"path": str(self.path), "frames": self.n_frames, "utterances": self.n_utterances,
                 "hours": hours, "dim": self.dim, "chunk_frames": self.chunk_frames,
@@ -773,12 +856,23 @@ def as_source(obj, name: str | None = None) -> FrameSource:
     """
     if isinstance(obj, FrameSource):
         return obj
+    if is_url(obj):
+        import zarr
+
+        g = _open_remote_group(obj)
+        if isinstance(g, zarr.Array):
+            src = ArraySource(g, name=obj.rstrip("/"))
+            src.url = obj.rstrip("/")
+            return src
+        return FrameStore.open(obj)
     if isinstance(obj, (str, os.PathLike)):
         p = Path(obj)
         if p.suffix == ".npy":
             if not p.exists():
                 raise StoreError(f"{p}: file not found")
-            return ArraySource(np.load(p, mmap_mode="r"), name=str(p))
+            src = ArraySource(np.load(p, mmap_mode="r"), name=str(p))
+            src.url = str(p)
+            return src
         if (p / "zarr.json").exists():
             import json
 
@@ -786,7 +880,9 @@ def as_source(obj, name: str | None = None) -> FrameSource:
             if meta.get("node_type") == "array":
                 import zarr
 
-                return ArraySource(zarr.open_array(str(p), mode="r"), name=str(p))
+                src = ArraySource(zarr.open_array(str(p), mode="r"), name=str(p))
+                src.url = str(p)
+                return src
             return FrameStore.open(p)
         raise StoreError(f"{p}: not a frame store, .npy file or Zarr array")
     if hasattr(obj, "shape") and hasattr(obj, "dtype"):
