@@ -149,46 +149,75 @@ def _check_params(weights, means, variances):
     return w / w.sum(), np.ascontiguousarray(m), np.ascontiguousarray(v)
 
 
-def group_means(means, variances, n_groups, seed=0, n_iter=8) -> np.ndarray:
-    """Cluster the K means into ``n_groups`` groups; returns group_of int32 (K,) (every group non-empty).
-
-    Seeded k-means++ then ``n_iter`` Lloyd iterations, in the space where dimension d is divided by
-    sqrt(mean_k variances[k, d]). Empty groups are refilled from the member farthest from its centre.
-    Cost O(n_iter K G D) in float64 GEMMs.
-    """
-    m = np.asarray(means, np.float64)
-    K = m.shape[0]
-    G = int(min(max(1, n_groups), K))
-    scale = np.sqrt(np.asarray(variances, np.float64).mean(0))
-    Y = (m - m.mean(0)) / scale
-    rng = np.random.default_rng(seed)
+def _kmeans(Y, k, rng, n_iter):
+    """Labels int64 (len(Y),) of seeded k-means++ then ``n_iter`` Lloyd iterations; no group left empty."""
+    K = Y.shape[0]
+    k = int(min(max(1, k), K))
     yy = np.einsum("kd,kd->k", Y, Y)
-    # k-means++ seeding
-    cent = np.empty((G, Y.shape[1]))
-    first = int(rng.integers(K))
-    cent[0] = Y[first]
+    cent = np.empty((k, Y.shape[1]))
+    cent[0] = Y[int(rng.integers(K))]
     d2 = np.maximum(yy - 2 * Y @ cent[0] + cent[0] @ cent[0], 0.0)
-    for j in range(1, G):
+    for j in range(1, k):
         tot = d2.sum()
         i = int(rng.integers(K)) if tot <= 0 else int(min(np.searchsorted(np.cumsum(d2), rng.random() * tot), K - 1))
         cent[j] = Y[i]
         d2 = np.minimum(d2, np.maximum(yy - 2 * Y @ cent[j] + cent[j] @ cent[j], 0.0))
-    lab = None
+    lab = np.zeros(K, np.int64)
     for _ in range(max(1, n_iter)):
         D2 = yy[:, None] - 2.0 * (Y @ cent.T) + np.einsum("gd,gd->g", cent, cent)[None, :]
         lab = np.argmin(D2, axis=1)
         best = D2[np.arange(K), lab]
-        cnt = np.bincount(lab, minlength=G)
-        for j in np.flatnonzero(cnt == 0):  # refill an empty group with the worst-fitted point
-            i = int(np.argmax(best))
+        cnt = np.bincount(lab, minlength=k)
+        for j in np.flatnonzero(cnt == 0):  # refill an empty group with the worst-fitted point of a larger one
+            i = int(np.argmax(np.where(cnt[lab] > 1, best, -np.inf)))
             cnt[lab[i]] -= 1
             lab[i] = j
             cnt[j] = 1
-            best[i] = -1.0
+            best[i] = -np.inf
         sums = np.zeros_like(cent)
         np.add.at(sums, lab, Y)
         cent = sums / cnt[:, None]
-    return lab.astype(np.int32)
+    return lab
+
+
+def group_means(means, variances, n_groups, seed=0, n_iter=8, max_size=None) -> np.ndarray:
+    """Cluster the K means into about ``n_groups`` groups; returns group_of int32 (K,), every group non-empty.
+
+    Seeded k-means++ then ``n_iter`` Lloyd iterations, in the space where dimension d is divided by
+    sqrt(mean_k variances[k, d]). Groups of more than ``max_size`` members (default 2 K / n_groups, at least
+    16) are split by k-means into ceil(size / max_size) parts, and what is still too big is cut into equal
+    slabs along its principal axis: dense regions would otherwise make a few huge groups, the ones frames
+    search most. So the result may hold a few more than ``n_groups`` groups. Cost O(n_iter K G D).
+    """
+    m = np.asarray(means, np.float64)
+    K = m.shape[0]
+    G = int(min(max(1, n_groups), K))
+    cap = int(max(16, np.ceil(2.0 * K / G))) if max_size is None else int(max(1, max_size))
+    scale = np.sqrt(np.asarray(variances, np.float64).mean(0))
+    Y = (m - m.mean(0)) / scale
+    rng = np.random.default_rng(seed)
+    lab = _kmeans(Y, G, rng, n_iter)
+    groups = [np.flatnonzero(lab == j) for j in range(G)]
+    out = []
+    while groups:
+        mem = groups.pop(0)
+        if len(mem) <= cap:
+            out.append(mem)
+            continue
+        parts = int(np.ceil(len(mem) / cap))
+        sub = _kmeans(Y[mem], parts, rng, n_iter)
+        pieces = [mem[sub == j] for j in range(parts)]
+        if max(len(p) for p in pieces) >= len(mem):  # k-means could not split it: cut slabs
+            yc = Y[mem] - Y[mem].mean(0)
+            axis = np.linalg.svd(yc, full_matrices=False)[2][0]
+            o = mem[np.argsort(yc @ axis, kind="stable")]
+            pieces = [o[i * len(o) // parts:(i + 1) * len(o) // parts] for i in range(parts)]
+        groups.extend(p for p in pieces if len(p))
+    out.sort(key=lambda a: int(a[0]))  # group numbers follow their lowest member id (deterministic)
+    group_of = np.empty(K, np.int32)
+    for j, mem in enumerate(out):
+        group_of[mem] = j
+    return group_of
 
 
 def _prepare(group_of, G, w, m, v, dot_dtype):
@@ -211,6 +240,8 @@ def _prepare(group_of, G, w, m, v, dot_dtype):
     with np.errstate(divide="ignore"):
         lconst = np.log(w) - 0.5 * np.log(2.0 * np.pi * v).sum(1)
     dt = np.dtype(dot_dtype)
+    if dt == np.float32 and max(np.abs(rep_W).max(), np.abs(mem_W).max()) > 1e30:
+        dt = np.dtype(np.float64)  # float32 would overflow (tiny variances far from shift): rank in float64
     Wb = np.empty(mem_W.size, dt)  # group blocks, each row-major (2D, size)
     for j in range(G):
         p0, p1 = ptr[j], ptr[j + 1]
@@ -228,13 +259,15 @@ def _calibrated(sel, calibrate_n, target, seed):
 
 
 def build_selection(weights, means, variances, n_groups=None, seed=0, n_iter=8, dot_dtype="float32",
-                    calibrate_n=8, target_recall=0.98) -> Selection:
+                    calibrate_n=8, target_recall=0.98, max_size=None) -> Selection:
     """Group the K components (:func:`group_means`) and prepare the selection arrays.
 
     Parameters
     ----------
     weights : (K,), means, variances : (K, D), float64 (converted). Weights are normalised to sum to 1.
-    n_groups : int or None. G (clamped to [1, K]); None = :func:`default_n_groups`.
+    n_groups : int or None. Groups of the clustering (clamped to [1, K]); None = :func:`default_n_groups`.
+        Oversized groups are then split (``max_size``, :func:`group_means`), so ``n_groups`` of the result
+        may be a little larger.
     seed : int. Seeds the k-means++ initialisation (same seed and parameters give the same grouping).
     n_iter : int. Lloyd iterations of the grouping.
     dot_dtype : 'float32' or 'float64'. Dtype of the ranking dot products (the returned log-likelihoods are
@@ -252,7 +285,8 @@ def build_selection(weights, means, variances, n_groups=None, seed=0, n_iter=8, 
     if G < 1:
         raise ValueError(f"n_groups must be >= 1, got {n_groups}")
     G = min(G, K)
-    group_of = group_means(m, v, G, seed=seed, n_iter=n_iter)
+    group_of = group_means(m, v, G, seed=seed, n_iter=n_iter, max_size=max_size)
+    G = int(group_of.max()) + 1
     return _calibrated(_prepare(group_of, G, w, m, v, dot_dtype), calibrate_n, target_recall, seed)
 
 

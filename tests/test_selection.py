@@ -39,8 +39,9 @@ def rel(a, b):
 def test_structure_is_a_consistent_csr_with_moment_matched_representatives(rng):
     w, mu, var = random_gmm(rng, 200, 4)
     sel = S.build_selection(w, mu, var, n_groups=13, seed=3, dot_dtype="float64")
-    K, G = 200, 13
-    assert sel.n_components == K and sel.n_groups == G and sel.dim == 4
+    K, G = 200, sel.n_groups
+    assert sel.n_components == K and 13 <= G <= 20 and sel.dim == 4
+    assert sel.group_sizes.max() <= 31  # oversized groups split: at most 2 K / n_groups members
     assert sel.group_of.dtype == np.int32 and sel.member_idx.dtype == np.int32 and sel.member_ptr.dtype == np.int64
     assert sel.member_ptr[0] == 0 and sel.member_ptr[-1] == K and (np.diff(sel.member_ptr) >= 1).all()
     assert sorted(sel.member_idx.tolist()) == list(range(K))
@@ -78,6 +79,26 @@ def test_grouping_is_deterministic_for_a_seed_and_clusters_separated_means(rng):
     assert (a.group_sizes == 12).all()
 
 
+def test_oversized_groups_are_split_and_calibration_meets_its_target(rng):
+    # a dense core of 300 means and 100 scattered ones: k-means makes a huge core group; it gets split
+    mu = np.vstack([rng.normal(size=(300, 3)) * 0.1, rng.normal(size=(100, 3)) * 30.0])
+    var = np.ones((400, 3))
+    w = rng.dirichlet(np.ones(400))
+    sel = S.build_selection(w, mu, var, n_groups=10, max_size=40)
+    assert sel.group_sizes.max() <= 40 and sel.group_sizes.min() >= 1
+    assert sorted(sel.member_idx.tolist()) == list(range(400))
+    # calibration: the recall curve is a CDF over the number of groups searched, n_search the first >= target
+    c = sel.recall_curve
+    assert c.shape == (sel.n_groups,) and (np.diff(c) >= 0).all() and c[-1] == pytest.approx(1.0)
+    assert c[sel.n_search - 1] >= 0.98 and (sel.n_search == 1 or c[sel.n_search - 2] < 0.98)
+    # on frames from the model the calibrated search reaches about its target
+    X = sample(rng, w, mu, var, 2000)
+    recall, _ = _quality(X, w, mu, var, sel, 8, None)
+    assert recall >= 0.95
+    again = S.build_selection(w, mu, var, n_groups=10, max_size=40)
+    assert again.n_search == sel.n_search and np.array_equal(again.recall_curve, sel.recall_curve)
+
+
 def test_build_is_fast_at_16384_components():
     import time
 
@@ -86,8 +107,8 @@ def test_build_is_fast_at_16384_components():
     t = time.perf_counter()
     sel = S.build_selection(w, mu, var)
     assert time.perf_counter() - t < 5.0  # ~0.3 s idle; generous for a loaded 2-core box
-    assert sel.n_groups == S.default_n_groups(16384) == 256
-    assert sel.group_sizes.max() <= 8 * 16384 / 256
+    assert S.default_n_groups(16384) == 256 and 256 <= sel.n_groups <= 320
+    assert sel.group_sizes.max() <= 2 * 16384 / 256
 
 
 # ------------------------------------------------------------------ exactness

@@ -168,7 +168,9 @@ def select_topn(X, shift, rep_const, rep_W, member_ptr, member_idx, mem_const, m
 
     Frames are processed in tiles: the representatives of every frame of the tile are scored, then each group
     searched by at least one frame of the tile is scored for all those frames while its block of ``mem_Wb``
-    is in L1 (the blocks total 2D K values: scoring them frame by frame streams them from L3).
+    is in L1 (the blocks total 2D K values). Each frame's best group is scored first (a first pass over the
+    tile), so its heap holds good values before the other groups and most of their 16-blocks are rejected
+    without a heap operation.
 
     Parameters
     ----------
@@ -227,8 +229,6 @@ def select_topn(X, shift, rep_const, rep_W, member_ptr, member_idx, mem_const, m
         for a in range(a0, b0, T):
             b = min(a + T, b0)
             nb = b - a
-            for j in range(G + 1):
-                gcnt[j] = 0
             for i in range(nb):
                 for d in range(D):
                     v = np.float64(X[a + i, d]) - shift[d]
@@ -236,28 +236,43 @@ def select_topn(X, shift, rep_const, rep_W, member_ptr, member_idx, mem_const, m
                     Z[i, D + d] = v * v
                 _dot_block(Z[i], rep_W, rcw, rs)
                 cg = _offer(rs, gids, G, gv, gi, 0, gg)
+                best = 0  # the frame's best group goes first (phase 0): its members fill the heap with
+                for q in range(1, cg):  # good values, so most blocks of the other groups are rejected whole
+                    if _worse(gv[best], gi[best], gv[q], gi[q]):
+                        best = q
                 tgc[i] = cg
+                tg[i, 0] = gi[best]
+                r = 1
                 for q in range(cg):
-                    tg[i, q] = gi[q]
-                    gcnt[gi[q] + 1] += 1
+                    if q != best:
+                        tg[i, r] = gi[q]
+                        r += 1
                 hc[i] = 0
-            for j in range(G):
-                gcnt[j + 1] += gcnt[j]
-            for i in range(nb):  # counting sort of (group, frame): frames in increasing order per group
-                for q in range(tgc[i]):
-                    j = tg[i, q]
-                    gfr[gcnt[j]] = i
-                    gcnt[j] += 1
-            start = 0
-            for j in range(G):  # gcnt[j] is now the end of group j's frames
-                stop = gcnt[j]
-                p0 = member_ptr[j]
-                p1 = member_ptr[j + 1]
-                for r in range(start, stop):
-                    i = gfr[r]
-                    _dot_group(Z[i], mem_Wb, mcw, p0, p1, ms)
-                    hc[i] = _offer(ms, member_idx[p0:p1], p1 - p0, hv[i], hi[i], hc[i], n)
-                start = stop
+            for phase in range(2):
+                for j in range(G + 1):
+                    gcnt[j] = 0
+                for i in range(nb):
+                    q0, q1 = (0, 1) if phase == 0 else (1, tgc[i])
+                    for q in range(q0, q1):
+                        gcnt[tg[i, q] + 1] += 1
+                for j in range(G):
+                    gcnt[j + 1] += gcnt[j]
+                for i in range(nb):  # counting sort of (group, frame): frames in increasing order per group
+                    q0, q1 = (0, 1) if phase == 0 else (1, tgc[i])
+                    for q in range(q0, q1):
+                        j = tg[i, q]
+                        gfr[gcnt[j]] = i
+                        gcnt[j] += 1
+                start = 0
+                for j in range(G):  # gcnt[j] is now the end of group j's frames
+                    stop = gcnt[j]
+                    p0 = member_ptr[j]
+                    p1 = member_ptr[j + 1]
+                    for r in range(start, stop):
+                        i = gfr[r]
+                        _dot_group(Z[i], mem_Wb, mcw, p0, p1, ms)
+                        hc[i] = _offer(ms, member_idx[p0:p1], p1 - p0, hv[i], hi[i], hc[i], n)
+                    start = stop
             for i in range(nb):  # exact float64 re-evaluation of the kept components, sorted
                 t = a + i
                 ch = hc[i]
