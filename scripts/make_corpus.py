@@ -1232,8 +1232,12 @@ def main(argv=None) -> int:
 
     out: Path = args.out
     (out / "clips").mkdir(parents=True, exist_ok=True)
-    load_library()  # fail early and loudly if the library is missing (no espeak_Initialize here)
-    check_mbrola(voices)
+    try:
+        load_library()  # fail early and loudly if the library is missing (no espeak_Initialize)
+        check_mbrola(voices)
+    except EspeakError as e:
+        print(f"make_corpus.py: {e}", file=sys.stderr)
+        return 1
 
     texts = TEXTS[args.texts]
     order = np.random.default_rng([args.seed, 2**31]).permutation(len(texts))
@@ -1252,8 +1256,12 @@ def main(argv=None) -> int:
     import multiprocessing as mp
     # long clips first, so that the pool does not end on one of them
     order_jobs = sorted(range(len(jobs)), key=lambda j: jobs[j][5] != "long")
-    with mp.get_context("fork").Pool(max(1, args.jobs), maxtasksperchild=1) as pool:
-        done = pool.map(_work, [jobs[j] for j in order_jobs], chunksize=1)
+    try:
+        with mp.get_context("fork").Pool(max(1, args.jobs), maxtasksperchild=1) as pool:
+            done = pool.map(_work, [jobs[j] for j in order_jobs], chunksize=1)
+    except EspeakError as e:  # a voice that is not there, a sentence no voice can time
+        print(f"make_corpus.py: {e}", file=sys.stderr)
+        return 1
     results: list[dict] = [None] * len(jobs)  # type: ignore[list-item]
     for j, r in zip(order_jobs, done):
         results[j] = r
