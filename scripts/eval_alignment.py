@@ -19,8 +19,8 @@ normalises to several words (``apple-shaped``) is scored from its first word's s
 last word's end, one that normalises to none is left out. An utterance is compared only when its
 aligned word sequence equals the truth's; otherwise it counts as ``mismatched``. Every word gives
 two boundaries (start, end); reported are the share within 10 / 20 / 50 / 100 ms, the median,
-90th percentile and mean absolute error, overall and per voice, and per clip kind (ordinary /
-long), with counts of utterances compared, mismatched, missing from the alignment (and, when
+90th percentile and mean absolute error, overall, per voice, per voice family (MBROLA /
+espeak) and per clip kind (ordinary / long), with counts of utterances compared, mismatched, missing from the alignment (and, when
 STORE can be read, missing from the store, i.e. rejected by ingest). Voices come from the
 corpus's ``clip_info.tsv`` when it exists, else from ``validated.tsv``'s ``client_id`` (a hash
 of the synthetic speaker, see make_corpus.py), else "?".
@@ -260,6 +260,7 @@ def evaluate(align_dir: Path, word_times: Path, store: Path | None = None) -> di
     ends: list[float] = []
     by_voice: dict[str, list[float]] = defaultdict(list)
     by_kind: dict[str, list[float]] = defaultdict(list)
+    by_family: dict[str, list[float]] = defaultdict(list)
     counts = dict(truth=len(truth), compared=0, mismatched=0, missing=0, unaligned=0,
                   not_in_store=0)
     missing_ids, mismatched_ids = [], []
@@ -282,6 +283,8 @@ def evaluate(align_dir: Path, word_times: Path, store: Path | None = None) -> di
         starts += errs[0::2]
         ends += errs[1::2]
         by_voice[voices.get(uid, "?")] += errs
+        v = voices.get(uid, "?")
+        by_family["?" if v == "?" else ("mbrola" if v.startswith("mb-") else "espeak")] += errs
         by_kind[kinds.get(uid, "clip")] += errs
     res = {"align_dir": str(align_dir), "source": source, "word_times": str(word_times),
            "utterances": counts, **summarise(all_errs),
@@ -289,6 +292,7 @@ def evaluate(align_dir: Path, word_times: Path, store: Path | None = None) -> di
            "signed_median_ms": float(np.median(all_errs) * 1000) if all_errs else None,
            "by_voice": {v: summarise(e) for v, e in sorted(by_voice.items())},
            "by_kind": {k: summarise(e) for k, e in sorted(by_kind.items())},
+           "by_family": {k: summarise(e) for k, e in sorted(by_family.items())},
            "missing_ids": missing_ids[:50], "mismatched_ids": mismatched_ids[:50]}
     if in_store is not None:
         res["store_utterances"] = len(in_store)
@@ -322,6 +326,9 @@ def format_report(r: dict) -> str:
     if len(r["by_kind"]) > 1:
         for k, s in r["by_kind"].items():
             lines.append(row(f"kind {k}", s))
+    if len(r["by_family"]) > 1:
+        for k, s in r["by_family"].items():
+            lines.append(row(f"{k} voices", s))
     for v, s in r["by_voice"].items():
         lines.append(row(v, s))
     if r.get("signed_median_ms") is not None:
