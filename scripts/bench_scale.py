@@ -31,11 +31,16 @@ HERE = Path(__file__).resolve().parent
 _BAD_ENV = ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE")
 
 def run_fit(store, out, k, threads, extra):
+    return run_streamq(["fit", str(store), str(out), "--k", str(k), "--method", "lbg", "--quiet", *extra], threads)
+
+
+def run_streamq(args, threads):
+    """Run ``streamq ARGS`` with ``threads`` Numba/OpenMP threads: wall, peak RSS (wait4 ru_maxrss and a
+    0.1 s poll of the process tree), CPU seconds, output."""
     env = {k_: v for k_, v in os.environ.items() if k_ not in _BAD_ENV}
     env["NUMBA_NUM_THREADS"] = str(threads)
     env["OMP_NUM_THREADS"] = str(threads)
-    args = ["fit", str(store), str(out), "--k", str(k), "--method", "lbg", "--quiet", *extra]
-    cmd = [str(Path(sys.executable).parent / "streamq"), *args]
+    cmd = [str(Path(sys.executable).parent / "streamq"), *map(str, args)]
     import psutil
 
     t0 = time.perf_counter()

@@ -265,7 +265,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("out")
     p.add_argument("--iters", type=_positive_int, default=10, help="EM iterations in total (default 10)")
     p.add_argument("--gselect", type=_positive_int, default=None,
-                   help="only the top-n components per frame in the E-step (default: all)")
+                   help="hierarchical Gaussian selection: each frame's top-n components, found by scoring group "
+                   "representatives then the members of the best groups (default: exact, all components)")
     p.add_argument("--seed", type=int, default=0, help="random seed of the held-out sample (default 0)")
     p.add_argument("--resume", action="store_true", help="continue from OUT/gmm.npz (same settings)")
     _add_common(p)

@@ -307,3 +307,48 @@ def test_run_gmm_bad_inputs(tmp_path):
         run_gmm(store, cb, tmp_path / "o4", iters=1, verbose=0)
     with pytest.raises(ValueError, match="gmm.npz"):
         load_gmm(tmp_path / "nowhere")
+
+
+# ----------------------------------------------------------------- hierarchical Gaussian selection
+def random_gmm(K=256, D=5, seed=0):
+    rng = np.random.default_rng(seed)
+    m = rng.normal(size=(K, D)) * 6
+    v = rng.uniform(0.3, 1.5, (K, D))
+    return rng.dirichlet(np.ones(K) * 5), m, v
+
+
+def test_selection_degenerate_case_is_exact():
+    w, m, v = random_gmm()
+    g = with_params(DiagGMM(256, n_heldout=0, gselect=256, gselect_groups=16, gselect_search=10 ** 6), w, m, v)
+    X = (m[np.random.default_rng(1).integers(0, 256, 2000)] + np.random.default_rng(2).normal(size=(2000, 5)))
+    X = X.astype(np.float32)
+    ref = [ref_avg_loglik(x[None], w, m, v) for x in X[:300]]  # float64 NumPy
+    np.testing.assert_allclose(g.score_samples(X[:300]), ref, rtol=1e-9)  # selection re-scores in float64
+    np.testing.assert_allclose(g.score_samples(X, gselect=None), g.score_samples(X), rtol=1e-4)
+
+
+def test_selected_score_is_close_to_the_exact_top_n():
+    w, m, v = random_gmm(K=1024, D=6, seed=3)
+    g = with_params(DiagGMM(1024, n_heldout=0, gselect=8), w, m, v)
+    rng = np.random.default_rng(4)
+    comp = rng.choice(1024, 3000, p=w)
+    X = (m[comp] + rng.normal(size=(3000, 6)) * np.sqrt(v[comp])).astype(np.float32).astype(np.float64)
+    L = np.log(w) - 0.5 * np.log(2 * np.pi * v).sum(1) - 0.5 * (((X[:, None] - m[None]) ** 2) / v[None]).sum(-1)
+    top = np.sort(L, axis=1)[:, -8:]
+    ref = top.max(1) + np.log(np.exp(top - top.max(1, keepdims=True)).sum(1))
+    got = g.score_samples(X)
+    assert np.all(got <= ref + 1e-6)  # a subset of the exact top 8 can only score lower
+    assert np.mean(ref - got) < 0.02 and np.quantile(ref - got, 0.99) < 0.5
+    assert np.mean(np.abs(g.score_samples(X, gselect=None) - got)) < 0.05
+
+
+def test_em_with_selection_never_lowers_the_selected_objective():
+    X = blobs(20, n_per=1500, centres=[[0, 0, 0], [6, 0, 1], [0, 7, -2], [-5, -5, 3], [8, 8, 8], [-8, 4, 0]])
+    C = X[np.random.default_rng(0).choice(len(X), 24, replace=False)]
+    g = DiagGMM(24, max_iter=6, n_heldout=0, gselect=4, min_count=0, reseed=False, means_init=C).fit(X)
+    ll = [r["train_loglik"] for r in g.history_[1:]]
+    assert all(b >= a - 1e-9 for a, b in zip(ll, ll[1:])), ll
+    assert [r["selection"] for r in g.history_[1:]][0] == "built"
+    assert {r["selection"] for r in g.history_[2:]} <= {"built", "refreshed"}
+    exact = DiagGMM(24, max_iter=6, n_heldout=0, min_count=0, reseed=False, means_init=C).fit(X)
+    assert abs(g.score(X, gselect=None) - exact.score(X)) < 0.02
