@@ -99,6 +99,14 @@ def cmd_align(a):
           "(see alignment_analysis.csv)")
 
 
+def cmd_cmvn(a):
+    from .pipelines import run_cmvn
+
+    s = run_cmvn(a.store, a.out, per=a.per, variance=not a.no_variance, verbose=int(not a.quiet))
+    print(f"{s['out']}: {s['utterances']} utterances normalised per {s['per']} ({s['groups']} groups), "
+          f"{s['seconds']:.1f} s")
+
+
 def cmd_quantise(a):
     from .pipelines import run_quantise
 
@@ -286,6 +294,16 @@ def build_parser() -> argparse.ArgumentParser:
                    "csv (MFA); words.ctm, chars.ctm and alignment_analysis.csv are always written (default textgrid)")
     _add_common(p)
     p.set_defaults(func=cmd_align)
+
+    p = sub.add_parser("cmvn", help="a copy of a store with cepstral mean/variance normalisation per speaker or "
+                       "utterance (Kaldi apply-cmvn)")
+    p.add_argument("store")
+    p.add_argument("out", help="the new store")
+    p.add_argument("--per", choices=["speaker", "utterance"], default="speaker",
+                   help="normalisation group; utterances without a speaker are their own (default speaker)")
+    p.add_argument("--no-variance", action="store_true", help="remove the mean only")
+    _add_common(p)
+    p.set_defaults(func=cmd_cmvn)
 
     p = sub.add_parser("quantise", help="each frame's nearest codeword and squared distance, as Zarr arrays",
                        description="OUT is a new Zarr group with labels int32 (N,) and d2 float32 (N,), "

@@ -58,8 +58,8 @@ def _open_source(store):
 
 # ------------------------------------------------------------------ codebooks
 def make_codebook_estimator(method, n_clusters, batch_size=None, max_steps=None, decay=0.9, eps=None, seed=0,
-                            repair=True, checkpoint=None, resume=False, verbose=0):
-    """The estimator behind ``streamq fit --method``."""
+                            repair=True, checkpoint=None, resume=False, verbose=0, client=None):
+    """The estimator behind ``streamq fit --method`` (``client``: LBG's exact passes on Dask)."""
     if method == "random":
         return RandomSample(n_clusters, seed=seed)
     common = dict(batch_size=batch_size, seed=seed, repair=repair, checkpoint=checkpoint, resume=resume,
@@ -68,7 +68,7 @@ def make_codebook_estimator(method, n_clusters, batch_size=None, max_steps=None,
         return MiniBatchLloyd(n_clusters, decay=decay, max_steps=max_steps, eps=eps, **common)
     if method == "lbg":
         kw = {"max_stage_steps": max_steps} if max_steps else {}
-        return LBG(n_clusters, eps=0.01 if eps is None else eps, decay=decay, **kw, **common)
+        return LBG(n_clusters, eps=0.01 if eps is None else eps, decay=decay, client=client, **kw, **common)
     raise ValueError(f"unknown method {method!r}: choose lbg, lloyd or random")
 
 
@@ -78,7 +78,7 @@ def _check_k(source, n_clusters):
 
 
 def run_fit(store, out, n_clusters, method="lbg", batch_size=None, max_steps=None, decay=0.9, eps=None, seed=0,
-            resume=False, repair=True, verbose=1) -> dict:
+            resume=False, repair=True, verbose=1, client=None) -> dict:
     """``streamq fit``: train one codebook; writes ``codebook.npy``, ``codebook_counts.npy``,
     ``codebook_stages.npz`` (LBG), ``fit_history.csv``, ``fit_config.json`` and ``fit_checkpoint.npz``.
 
@@ -101,7 +101,7 @@ def run_fit(store, out, n_clusters, method="lbg", batch_size=None, max_steps=Non
                 raise ValueError(f"{out / FIT_CONFIG}: cannot resume with different settings {diff}")
         est = make_codebook_estimator(method, n_clusters, batch_size, max_steps, decay, eps, seed, repair,
                                       checkpoint=None if method == "random" else str(ckpt), resume=resume,
-                                      verbose=verbose)
+                                      verbose=verbose, client=client)
         est.fit(source)
         af.save_codebook(out, est.codebook_, est.counts_, getattr(est, "stage_codebooks_", None))
         af.write_records(est.history_, out / FIT_HISTORY, METRIC_COLUMNS)
@@ -138,7 +138,7 @@ def run_compare(store, out, n_clusters=256, batch_size=None, seed=0, verbose=1) 
 
 # ------------------------------------------------------------------ GMM
 def run_gmm(store, codebook_dir, out, iters=10, resume=False, batch_size=65536, gselect=None, seed=0, verbose=1,
-            **gmm_kw) -> dict:
+            client=None, **gmm_kw) -> dict:
     """``streamq gmm``: a DiagGMM initialised from ``codebook_dir/codebook.npy``, trained by streaming EM.
 
     Writes ``gmm.npz`` (also the checkpoint: parameters after the last finished iteration),
@@ -155,10 +155,10 @@ def run_gmm(store, codebook_dir, out, iters=10, resume=False, batch_size=65536, 
         raise ValueError(f"{cb_file}: codebook dim {D} != store dim {src.dim} ({src.name})")
     if K > src.n_frames:
         raise ValueError(f"{cb_file}: K = {K} components > {src.n_frames} frames in {src.name}")
-    g = DiagGMM(K, batch_size=batch_size, gselect=gselect, seed=seed, verbose=verbose, **gmm_kw)
+    g = DiagGMM(K, batch_size=batch_size, gselect=gselect, seed=seed, verbose=verbose, client=client, **gmm_kw)
     g._check_params()
     config = {"store": str(store), "codebook": str(cb_file), "n_components": K, "dim": D, "n_frames": src.n_frames,
-              **{k: v for k, v in g.get_params().items() if k not in ("verbose", "means_init", "max_iter")}}
+              **{k: v for k, v in g.get_params().items() if k not in ("verbose", "means_init", "max_iter", "client")}}
     cfg_key = json.dumps({k: v for k, v in config.items() if k != "store"}, sort_keys=True)
     with _output(out, "gmm") as out:
         ckpt = out / GMM_CHECKPOINT
@@ -216,7 +216,7 @@ def load_gmm(path, **params):
 
 # ------------------------------------------------------------------ alignment
 def run_align(store, model_dir, out, iters=30, jobs=1, plots=0, states_per_symbol=3, formats=("textgrid",),
-              verbose=1, **aligner_kw) -> dict:
+              verbose=1, client=None, **aligner_kw) -> dict:
     """``streamq align``: train the aligner on a store and write alignments.
 
     Writes into ``out``: ``align_history.csv`` (log-likelihood per EM iteration), per utterance in each of
@@ -265,7 +265,7 @@ def run_align(store, model_dir, out, iters=30, jobs=1, plots=0, states_per_symbo
         if ch.words and ch.n_required <= corpus.lengths[i]:
             trace.append(i)
     al = Aligner(model, states_per_symbol=states_per_symbol, max_iter=iters, n_jobs=jobs, verbose=verbose,
-                 trace=tuple(trace), **aligner_kw)
+                 trace=tuple(trace), client=client, **aligner_kw)
     with _output(out, "align") as out:
         al.fit(corpus)
         step = corpus.frame_step
@@ -359,12 +359,13 @@ def _write_trace(out, al, i, a, corpus, words_sec, name):
 
 
 # ------------------------------------------------------------------ quantise
-def run_quantise(store, codebook_dir, out, batch_size=65536, verbose=1) -> dict:
+def run_quantise(store, codebook_dir, out, batch_size=65536, verbose=1, client=None) -> dict:
     """``streamq quantise``: each frame's nearest codeword (``labels`` int32 (N,)) and squared distance
     (``d2`` float32 (N,)) as a Zarr group at ``out``, aligned with the store's frames and chunked like them.
 
     Streams the store in storage order (memory: one batch). Written to ``out.partial`` and renamed when
-    complete, so ``out`` is either absent or whole; a killed run starts over.
+    complete, so ``out`` is either absent or whole; a killed run starts over. With ``client`` the chunks are
+    assigned and written by the Dask workers (``out`` must then be on a file system they share).
     """
     import zarr
 
@@ -389,9 +390,14 @@ def run_quantise(store, codebook_dir, out, batch_size=65536, verbose=1) -> dict:
         g.attrs.update({"streamq_quantise": 1, "store": str(store), "codebook": str(codebook_dir),
                         "k": int(C.shape[0]), "dim": int(C.shape[1]), "n_frames": int(src.n_frames)})
         B = max(chunk, (int(batch_size) // chunk) * chunk)
-        loss = 0.0
-        with bar(src.n_frames, "quantise", "frame", not verbose) as pb:
-            for a in range(0, src.n_frames, B):
+        loss = None
+        if client is not None:
+            from .distributed import quantise
+
+            loss = quantise(client, src, C, part, batch_size, verbose)
+        local, loss = loss is None, loss or 0.0
+        with bar(src.n_frames, "quantise", "frame", not verbose or not local) as pb:
+            for a in (range(0, src.n_frames, B) if local else ()):
                 X = src.read(a, min(a + B, src.n_frames))
                 src._check_finite(X, a)
                 labels, d2 = assign(X, C)
@@ -402,3 +408,38 @@ def run_quantise(store, codebook_dir, out, batch_size=65536, verbose=1) -> dict:
         part.rename(out)
     return {"out": str(out), "frames": src.n_frames, "k": int(C.shape[0]), "mean_d2": loss / src.n_frames,
             "seconds": time.perf_counter() - t0}
+
+
+# ------------------------------------------------------------------ CMVN
+def run_cmvn(store, out, per="speaker", variance=True, verbose=1) -> dict:
+    """``streamq cmvn``: a copy of ``store`` with every utterance's frames mean- (and variance-) normalised
+    over its speaker or itself (:mod:`streamq.cmvn`); the index (ids, transcripts, speakers, paths,
+    durations) is copied. Two passes over the store; memory: one block of utterances. Resumable: a killed run,
+    then the same command, ends with the same store (it continues after the last committed utterance)."""
+    from .cmvn import apply_cmvn, cmvn_stats, groups_of
+
+    t0 = time.perf_counter()
+    if Path(out).resolve() == Path(store).resolve():
+        raise ValueError(f"{out}: OUT must be a new store, not STORE itself")
+    try:
+        src = FrameStore.open(store)
+    except StoreError as e:
+        raise ValueError(str(e)) from None
+    groups = groups_of(src.n_utterances, src.speakers, per)
+    utts = UtteranceSource.from_store(src)
+    mean, std = cmvn_stats(utts.iter_blocks(range(src.n_utterances)), groups, src.dim)
+    config = dict(src.feature_config, cmvn={"per": per, "variance": bool(variance), "source": str(store)})
+    dst = FrameStore.create(out, dim=src.dim, feature_config=config, chunk_frames=src.chunk_frames, exist_ok=True)
+    with dst.writer_lock():
+        done = dst.n_utterances
+        if list(dst.ids) != list(src.ids[:done]):
+            raise ValueError(f"{out}: holds other utterances than the first {done} of {store}; use a new OUT")
+        with bar(src.n_utterances, f"cmvn per {per}", "utt", not verbose, initial=done) as pb:
+            for blk in utts.iter_blocks(range(done, src.n_utterances)):
+                dst.append([{"id": src.ids[i], "frames": apply_cmvn(X, mean[groups[i]], std[groups[i]], variance),
+                             "transcript": src.transcripts[i], "speaker": src.speakers[i], "path": src.paths[i],
+                             "duration": float(src.durations[i])} for i, X in blk])
+                pb.update(len(blk))
+    return {"out": str(out), "utterances": src.n_utterances, "groups": int(groups.max()) + 1, "per": per,
+            "seconds": time.perf_counter() - t0}
+
