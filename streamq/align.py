@@ -38,13 +38,13 @@ from .transcripts import SIL, Chain, Inventory
 HISTORY_FIELDS = ["iteration", "loglik", "loglik_per_frame", "aligned", "log_fallbacks", "seconds"]
 
 
-def gaussians_from_codebook(codebook, utterances: UtteranceSource, verbose=0) -> Gaussians:
+def gaussians_from_codebook(codebook, utterances: UtteranceSource, verbose=0, client=None) -> Gaussians:
     """Diagonal Gaussians centred on the codewords with per-cluster variances: one pass over the corpus,
     the same statistics as the GMM's initialisation (:meth:`streamq.gmm.DiagGMM.init_from_codebook`)."""
     from .gmm import DiagGMM
 
     C = np.asarray(codebook)
-    g = DiagGMM(len(C), verbose=verbose).init_from_codebook(utterances.frames(), C)
+    g = DiagGMM(len(C), verbose=verbose, client=client).init_from_codebook(utterances.frames(), C)
     return g.gaussians_
 
 
@@ -172,6 +172,9 @@ class Aligner(BaseEstimator):
     trace : tuple of utterance indices whose state posteriors and Viterbi path are recorded after every
         EM iteration (``traces_``; the pictures of ``streamq plot align``).
     verbose : int, 0 silent, 1 progress bars.
+    client : a ``dask.distributed.Client`` or None. When set, each EM iteration's statistics and the decoding
+        are computed over groups of utterances on the cluster (:mod:`streamq.distributed`); the corpus must
+        then be a store the workers can open. Results equal the local ones to float64 rounding.
 
     Attributes
     ----------
@@ -183,7 +186,8 @@ class Aligner(BaseEstimator):
 
     def __init__(self, model=None, states_per_symbol=3, max_iter=30, pause_prob=0.5, self_loop_floor=0.1,
                  self_loop=None, update_transitions=False, weight_prior=1.0, n_jobs=1, cache_mb=512.0, trace=(),
-                 verbose=0):
+                 verbose=0, client=None):
+        self.client = client
         self.model = model
         self.states_per_symbol = states_per_symbol
         self.max_iter = max_iter
@@ -222,7 +226,7 @@ class Aligner(BaseEstimator):
         if isinstance(m, (str, Path)):
             m = load_model(m)
         if isinstance(m, np.ndarray):
-            m = gaussians_from_codebook(m, corpus, verbose=self.verbose)
+            m = gaussians_from_codebook(m, corpus, verbose=self.verbose, client=self.client)
         self.gaussians_ = Gaussians.of(m)
         if self.gaussians_.dim != corpus.dim:
             raise ValueError(f"model has dimension {self.gaussians_.dim}, frames have {corpus.dim}")
@@ -329,7 +333,15 @@ class Aligner(BaseEstimator):
                 acc = np.zeros((self.inventory_.n_units, K))
                 total, frames, fallbacks, aligned = 0.0, 0, 0, 0
                 new_loops = {}
-                for i, ll, units, counts, loop, used_log in self._map(self._e_step, corpus, todo):
+                dist = None
+                if self.client is not None:  # the same statistics over utterance groups on Dask
+                    from .distributed import align_statistics
+
+                    dist = align_statistics(self.client, self, corpus, todo, self.verbose)
+                if dist is not None:
+                    acc, total, frames, fallbacks, aligned, new_loops = dist
+                for i, ll, units, counts, loop, used_log in (() if dist is not None else
+                                                             self._map(self._e_step, corpus, todo)):
                     fallbacks += used_log
                     if units is None:
                         continue
@@ -407,7 +419,13 @@ class Aligner(BaseEstimator):
         return self._decoded(corpus, indices, set(posteriors))
 
     def _decoded(self, corpus, indices, post):
-        for i, a in self._map(lambda i, X: self._decode(i, X, i in post), corpus, indices):
+        dist = None
+        if self.client is not None:  # Viterbi on the workers, results in order
+            from .distributed import align_decode
+
+            dist = align_decode(self.client, self, corpus, indices, post)
+        for i, a in dist if dist is not None else self._map(lambda i, X: self._decode(i, X, i in post), corpus,
+                                                             indices):
             if a is None and i not in self.unaligned_:
                 self.unaligned_[i] = "no finite path (every state sequence has zero probability)"
             yield i, a

@@ -240,7 +240,7 @@ class _Trainer(_Codebook):
 
     def _config(self) -> dict:
         """What a checkpoint must agree with to be resumed: the parameters that change the result."""
-        skip = {"checkpoint", "checkpoint_seconds", "resume", "verbose", "log_every"}
+        skip = {"checkpoint", "checkpoint_seconds", "resume", "verbose", "log_every", "client"}
         return {k: (v if isinstance(v, (int, float, str, bool, type(None))) else repr(v))
                 for k, v in self.get_params().items() if k not in skip}
 
@@ -497,6 +497,8 @@ class LBG(_Trainer):
         sets every codeword to the mean of the frames it wins, removing the EMA's minibatch noise; a codeword
         that wins no frame in a whole pass is dead and is repaired.
     batch_size : int or None (default clip(16K, 8192, 65536)).
+    client : a ``dask.distributed.Client`` or None. When set, the exact passes (``n_passes``) are map-reduced
+        over the store on the cluster (:func:`streamq.distributed.lloyd_stats`); the EMA stages stay here.
     The other parameters are as in :class:`MiniBatchLloyd`.
 
     Attributes
@@ -510,7 +512,8 @@ class LBG(_Trainer):
                  min_steps=20, final_stage_steps=None, rebalance=True, rebalance_rounds=4, n_passes=3,
                  batch_size=None, repair=True, usage_decay=0.99, dead_threshold=0.02, repair_every=10,
                  eval_size=20000, log_every=10, seed=0, checkpoint=None, checkpoint_seconds=120.0, resume=False,
-                 verbose=0):
+                 verbose=0, client=None):
+        self.client = client
         self.n_clusters, self.eps, self.max_stage_steps, self.decay = n_clusters, eps, max_stage_steps, decay
         self.tol, self.check_every, self.min_steps = tol, check_every, min_steps
         self.final_stage_steps, self.rebalance, self.rebalance_rounds = final_stage_steps, rebalance, rebalance_rounds
@@ -586,7 +589,16 @@ class LBG(_Trainer):
         C = self.codebook_
         K, D = C.shape
         counts, sums, sse = np.zeros(K), np.zeros((K, D)), np.zeros(K)
-        for X in source.iter_minibatches(max(self._B, 65536), shuffle=False, exclude=self._exclude):
+        stats = None
+        if self.client is not None:  # the same statistics, map-reduced over the store's ranges on Dask
+            from .distributed import lloyd_stats
+
+            stats = lloyd_stats(self.client, source, C, self._exclude, max(self._B, 65536), self.verbose)
+        if stats is not None:
+            counts, sums, sse, n_pass = stats
+            self.frames_seen_ += n_pass
+        for X in (() if stats is not None else
+                  source.iter_minibatches(max(self._B, 65536), shuffle=False, exclude=self._exclude)):
             labels, d2 = assign(X, C)
             st = cluster_stats(X, labels, K, d2=d2, second_order=False)
             counts += st.counts
