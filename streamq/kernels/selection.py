@@ -8,7 +8,7 @@ of its members). Per frame x, with x' = x - shift and z = [x', x'^2] (the dot-pr
     1. score the G representatives:      r_j = rep_const_j + z . rep_W[:, j]          (G dot products)
     2. keep the g best groups (ties: lower group index first)
     3. score their members:              s_p = mem_const_p + z . W_p                 (sum of group sizes)
-    4. keep the n best members by s (min-heap of size n; ties: lower component index first)
+    4. keep the n best members by s (a sorted array for n <= 32, else a min-heap; ties: lower id first)
     5. re-evaluate the n kept exactly in float64 by the direct form
            log w_k N(x | mu_k, diag s2_k) = lconst_k - 1/2 sum_d (x_d - mu_kd)^2 prec_kd,
            lconst_k = log w_k - 1/2 sum_d log(2 pi s2_kd),  prec_kd = 1 / s2_kd
@@ -106,16 +106,33 @@ def _heap_sort_desc(hv, hi, cnt):
 
 # ------------------------------------------------------------------ selection
 @njit(cache=True)
-def _offer(vals, ids, L, hv, hi, cnt, cap):
-    """Offer (vals[p], ids[p]) for p < L to the top-``cap`` heap hv[:cnt], hi[:cnt]; returns the new count.
+def _insert_sorted(hv, hi, cnt, cap, v, i):
+    """Insert (v, i) into hv[:cnt], hi[:cnt] kept best-first (worst at cnt - 1), dropping the worst beyond cap."""
+    p = cnt if cnt < cap else cap - 1  # the slot freed for the new item
+    while p > 0 and _worse(hv[p - 1], hi[p - 1], v, i):
+        if p < cap:
+            hv[p] = hv[p - 1]
+            hi[p] = hi[p - 1]
+        p -= 1
+    hv[p] = v
+    hi[p] = i
+    return min(cnt + 1, cap)
 
-    Blocks of 16 with no value >= the heap's worst are skipped by one vectorisable count (most blocks once
-    the heap is full), the rest go through a one-compare reject before :func:`_push`.
+
+@njit(cache=True)
+def _offer(vals, ids, L, hv, hi, cnt, cap):
+    """Offer (vals[p], ids[p]) for p < L to the best-``cap`` set hv[:cnt], hi[:cnt]; returns the new count.
+
+    The set is a sorted array (best first) when cap <= 32, else a min-heap (worst at the root): the same cap
+    must always be used with the same arrays. Blocks of 16 with no value >= the set's worst are skipped by
+    one vectorisable count (most blocks once the set is full), the rest go through a one-compare reject.
     """
+    small = cap <= 32
     for b in range(0, L, 16):
         e = min(b + 16, L)
         if cnt == cap:
-            thr = vals.dtype.type(hv[0])  # exact: the heap holds values of vals' dtype
+            w = cap - 1 if small else 0
+            thr = vals.dtype.type(hv[w])  # exact: the set holds values of vals' dtype
             hit = 0
             for p in range(b, e):
                 hit += vals[p] >= thr
@@ -124,9 +141,14 @@ def _offer(vals, ids, L, hv, hi, cnt, cap):
         for p in range(b, e):
             v = np.float64(vals[p])
             k = np.int64(ids[p])
-            if cnt == cap and not _worse(hv[0], hi[0], v, k):
-                continue
-            cnt = _push(hv, hi, cnt, cap, v, k)
+            if small:
+                if cnt == cap and not _worse(hv[cap - 1], hi[cap - 1], v, k):
+                    continue
+                cnt = _insert_sorted(hv, hi, cnt, cap, v, k)
+            else:
+                if cnt == cap and not _worse(hv[0], hi[0], v, k):
+                    continue
+                cnt = _push(hv, hi, cnt, cap, v, k)
     return cnt
 
 
