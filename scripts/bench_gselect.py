@@ -120,8 +120,10 @@ def main():
     ap.add_argument("--lloyd", type=int, default=2)
     ap.add_argument("--em", type=int, default=1)
     ap.add_argument("--n", type=int, default=8)
-    ap.add_argument("--configs", default="128:8,256:8,256:16,256:24,512:24,512:32",
-                    help="comma-separated G:g (groups : groups searched per frame); g may be 'd' (default rule)")
+    ap.add_argument("--configs", default="128:c,256:c,256:4,256:8,256:16,512:c",
+                    help="comma-separated G:g (groups requested : groups searched per frame); g = 'c': the "
+                         "calibrated default (Selection.n_search, 98%% recall of top-n on frames sampled from "
+                         "the model)")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--pass-frames", type=float, default=11e6)
     ap.add_argument("--seed", type=int, default=0)
@@ -142,7 +144,7 @@ def main():
     print(f"model: K={a.K} D={a.D}, codebook-initialised on {a.train:,} synthetic frames "
           f"({a.lloyd} Lloyd, {a.em} EM), {time.perf_counter() - t0:.1f} s; threads={nt}")
     X = synth_frames(a.batch, a.D, seed=a.seed, first_block=10 ** 6)
-    gmm = DiagGMM(a.K, n_heldout=0).set_params_(w, mu, var)
+    gmm = DiagGMM.from_gaussians({"weights": w, "means": mu, "variances": var}, n_heldout=0)
     w = gmm.weights_
 
     t = time.perf_counter()
@@ -153,7 +155,7 @@ def main():
           f"mean (full - exact top-{a.n}) {np.mean(full - top_lse):.4f} nats")
 
     # warm-up (compile) on a tiny input
-    sel0 = S.build_selection(w[:64] / w[:64].sum(), mu[:64], var[:64], n_groups=8)
+    sel0 = S.build_selection(w[:64], mu[:64], var[:64], n_groups=8)
     S.selected_accumulate(X[:16], sel0, a.n, 2)
     gmm.score_samples(X[:16])
 
@@ -171,7 +173,7 @@ def main():
           f"{t_estep / B * a.pass_frames:.0f} s per {a.pass_frames / 1e6:.0f}M-frame pass")
     print(f"sgemm floor (B x 2D @ 2D x K, float32, BLAS): {t_gemm:.3f} s ({t_gemm / B * 1e6:.2f} us/frame)")
     print()
-    hdr = (f"{'G':>5} {'g':>4} {'build s':>8} {'score s':>8} {'us/fr':>6} {'x exact':>7} {'x sgemm':>7} "
+    hdr = (f"{'G':>5} {'g':>4} {'cal':>6} {'build s':>8} {'score s':>8} {'us/fr':>6} {'x exact':>7} {'x sgemm':>7} "
            f"{'E-step s':>8} {'x exact':>7} {'pass s':>7} {'recall':>7} {'err mean':>9} {'err p99':>8} "
            f"{'err max':>8} {'vs full':>8} {'cand':>6}")
     print(hdr)
@@ -179,7 +181,7 @@ def main():
         gs, gg = cfg.split(":")
         G = int(gs)
         t_build, sel = median_time(lambda: S.build_selection(w, mu, var, n_groups=G, seed=a.seed), a.repeats)
-        g = S.default_n_search(sel.n_groups, a.n) if gg == "d" else int(gg)
+        g = sel.n_search if gg == "c" else int(gg)
         args = sel.kernel_args()
 
         def score():
@@ -200,7 +202,8 @@ def main():
         R = sel.rep_const[None] + np.hstack([Xc, Xc * Xc]) @ sel.rep_W.astype(np.float64)
         top_g = np.argpartition(-R, min(g, sel.n_groups) - 1, axis=1)[:, :g]
         cand = sizes[top_g].sum(1).mean()
-        print(f"{sel.n_groups:5d} {g:4d} {t_build:8.3f} {t_sel:8.3f} {t_sel / B * 1e6:6.2f} {t_exact / t_sel:7.1f} "
+        cal = sel.recall_curve[g - 1]
+        print(f"{sel.n_groups:5d} {g:4d} {cal:6.3f} {t_build:8.3f} {t_sel:8.3f} {t_sel / B * 1e6:6.2f} {t_exact / t_sel:7.1f} "
               f"{t_gemm / t_sel:7.2f} {t_es:8.3f} {t_estep / t_es:7.1f} {t_es / B * a.pass_frames:7.1f} "
               f"{hit:7.4f} {err.mean():9.5f} {np.percentile(err, 99):8.4f} {err.max():8.3f} "
               f"{np.mean(full - lse):8.4f} {cand:6.0f}")

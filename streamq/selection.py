@@ -62,6 +62,7 @@ class Selection:
     lconst: np.ndarray
     n_search: int = 0
     recall_curve: np.ndarray | None = None
+    gap_curve: np.ndarray | None = None
 
     @property
     def n_components(self) -> int:
@@ -96,17 +97,26 @@ def default_n_search(n_groups: int, n: int = 8) -> int:
     return int(min(n_groups, max(4, -(-n // 2), -(-n_groups // 16))))
 
 
-def calibrate_n_search(sel: "Selection", n=8, target=0.98, n_samples=1000, seed=0):
-    """Smallest number of groups g whose search recovers ``target`` of the exact top-n components of frames
-    sampled from the model itself (seeded), and the recall curve.
+def calibrate_n_search(sel: "Selection", n=8, target=0.98, n_samples=1000, seed=0, target_gap=0.005):
+    """Smallest number of groups g to search per frame, measured on frames sampled from the model itself.
 
-    Frames x ~ the GMM; for each, the exact float64 top-n components (all K scored, NumPy, in blocks of 256
-    frames) and the rank of each one's group among the representatives' scores; recall(g) = fraction of
-    ranks < g. Cost O(n_samples K D) (K = 16384: ~0.2 s). Returns (g int, recall float64 (G,), recall[g - 1]
-    being the recall when g groups are searched).
+    Frames x ~ the GMM (seeded); for each, the exact float64 log-likelihoods of all K components (NumPy, in
+    blocks of 256 frames), its exact top-n, and the rank of every component's group among the
+    representatives' scores. Two curves over g = 1..G:
+
+    - recall(g): the fraction of the exact top-n components whose group is among the g best;
+    - gap(g): the mean over frames of (exact top-n log-sum-exp - log-sum-exp of the top-n components found
+      in the g best groups), in nats; computed among each frame's exact top max(4n, 64) components, so it is
+      an upper bound.
+
+    g = the smallest value with recall(g) >= ``target`` or gap(g) <= ``target_gap`` (recall is the strict
+    criterion for small n; for larger n, components far down the top-n carry little likelihood and the gap
+    decides). Cost O(n_samples K D) (K = 16384: ~0.3 s). Returns (g, recall float64 (G,), gap float64 (G,)),
+    index g - 1 holding the value for g groups; gap is only evaluated up to the chosen g (NaN beyond).
     """
     K, D, G = sel.n_components, sel.dim, sel.n_groups
     n = int(min(max(1, n), K))
+    M = int(min(K, max(4 * n, 64)))
     rng = np.random.default_rng([seed, 7])
     w = np.exp(sel.lconst + 0.5 * np.log(2.0 * np.pi / sel.prec).sum(1))  # the weights back from lconst
     comp = rng.choice(K, size=n_samples, p=w / w.sum())
@@ -117,18 +127,33 @@ def calibrate_n_search(sel: "Selection", n=8, target=0.98, n_samples=1000, seed=
     A = np.vstack([(mc * sel.prec).T, (-0.5 * sel.prec).T])  # (2D, K) float64
     c = sel.lconst - 0.5 * (mc * mc * sel.prec).sum(1)
     rc, rW = _kg.gmm_precompute(sel.rep_weights, sel.rep_means, sel.rep_variances, sel.shift)
-    hist = np.zeros(G, np.int64)
+    Vs, RKs = [], []
     for a in range(0, n_samples, 256):
         z = Z[a:a + 256]
         L = c[None] + z @ A
-        top = np.argpartition(-L, n - 1, axis=1)[:, :n] if n < K else np.tile(np.arange(K), (len(z), 1))
+        top = np.argpartition(-L, M - 1, axis=1)[:, :M] if M < K else np.tile(np.arange(K), (len(z), 1))
+        V = np.take_along_axis(L, top, 1)
+        o = np.argsort(-V, axis=1, kind="stable")
+        top, V = np.take_along_axis(top, o, 1), np.take_along_axis(V, o, 1)
         R = rc[None] + z @ rW
         rank = np.empty_like(R, dtype=np.int64)
         np.put_along_axis(rank, np.argsort(-R, axis=1, kind="stable"), np.arange(G)[None, :], axis=1)
-        hist += np.bincount(np.take_along_axis(rank, sel.group_of[top].astype(np.int64), 1).ravel(), minlength=G)
-    curve = np.cumsum(hist) / hist.sum()
-    g = int(np.searchsorted(curve, target - 1e-12) + 1)
-    return min(g, G), curve
+        Vs.append(V)
+        RKs.append(np.take_along_axis(rank, sel.group_of[top].astype(np.int64), 1))  # (b, M) group ranks
+    V, RK = np.vstack(Vs), np.vstack(RKs)
+    curve = np.cumsum(np.bincount(RK[:, :n].ravel(), minlength=G)) / (n * len(V))
+    g_rec = min(G, int(np.searchsorted(curve, target - 1e-12)) + 1)
+    E = np.exp(V - V[:, :1])
+    exact = np.log(E[:, :n].sum(1))
+    gap = np.full(G, np.nan)
+    for g in range(1, g_rec + 1):  # only up to where the recall criterion holds: g is at most that
+        m = RK < g
+        keep = m & (np.cumsum(m, axis=1) <= n)
+        with np.errstate(divide="ignore"):
+            gap[g - 1] = np.minimum(exact - np.log(np.where(keep, E, 0.0).sum(1)), 1e3).mean()  # none found: 1e3
+        if gap[g - 1] <= target_gap:
+            return g, curve, gap
+    return g_rec, curve, gap
 
 
 # -------------------------------------------------------------------- params
@@ -251,15 +276,15 @@ def _prepare(group_of, G, w, m, v, dot_dtype):
                      rep_W=np.ascontiguousarray(rep_W, dt), mem_const=mem_const, mem_Wb=Wb, means=m.copy(), prec=1.0 / v, lconst=lconst)
 
 
-def _calibrated(sel, calibrate_n, target, seed):
+def _calibrated(sel, calibrate_n, target, target_gap, seed):
     if not calibrate_n:
         return dataclasses.replace(sel, n_search=default_n_search(sel.n_groups, 8))
-    g, curve = calibrate_n_search(sel, calibrate_n, target, seed=seed)
-    return dataclasses.replace(sel, n_search=g, recall_curve=curve)
+    g, curve, gap = calibrate_n_search(sel, calibrate_n, target, seed=seed, target_gap=target_gap)
+    return dataclasses.replace(sel, n_search=g, recall_curve=curve, gap_curve=gap)
 
 
 def build_selection(weights, means, variances, n_groups=None, seed=0, n_iter=8, dot_dtype="float32",
-                    calibrate_n=8, target_recall=0.98, max_size=None) -> Selection:
+                    calibrate_n=8, target_recall=0.98, target_gap=0.005, max_size=None) -> Selection:
     """Group the K components (:func:`group_means`) and prepare the selection arrays.
 
     Parameters
@@ -272,10 +297,11 @@ def build_selection(weights, means, variances, n_groups=None, seed=0, n_iter=8, 
     n_iter : int. Lloyd iterations of the grouping.
     dot_dtype : 'float32' or 'float64'. Dtype of the ranking dot products (the returned log-likelihoods are
         float64 either way).
-    calibrate_n : int or 0. Sets ``n_search``, the default number of groups searched per frame, to the
-        smallest one recovering ``target_recall`` of the exact top-``calibrate_n`` components of 1000
-        frames sampled from the model (:func:`calibrate_n_search`; ``recall_curve`` keeps the curve).
-        0 = no calibration (:func:`default_n_search`).
+    calibrate_n, target_recall, target_gap : ``n_search``, the default number of groups searched per frame,
+        is the smallest one that recovers ``target_recall`` of the exact top-``calibrate_n`` components, or
+        loses at most ``target_gap`` nats of top-``calibrate_n`` log-likelihood per frame on average, on 1000
+        frames sampled from the model (:func:`calibrate_n_search`; ``recall_curve`` and ``gap_curve`` keep
+        the curves). ``calibrate_n=0``: no calibration (:func:`default_n_search`).
     """
     w, m, v = _check_params(weights, means, variances)
     if dot_dtype not in ("float32", "float64"):
@@ -287,11 +313,11 @@ def build_selection(weights, means, variances, n_groups=None, seed=0, n_iter=8, 
     G = min(G, K)
     group_of = group_means(m, v, G, seed=seed, n_iter=n_iter, max_size=max_size)
     G = int(group_of.max()) + 1
-    return _calibrated(_prepare(group_of, G, w, m, v, dot_dtype), calibrate_n, target_recall, seed)
+    return _calibrated(_prepare(group_of, G, w, m, v, dot_dtype), calibrate_n, target_recall, target_gap, seed)
 
 
 def refresh_selection(sel: Selection, weights, means, variances, dot_dtype=None, calibrate_n=8,
-                      target_recall=0.98, seed=0) -> Selection:
+                      target_recall=0.98, seed=0, target_gap=0.005) -> Selection:
     """The same grouping with representatives and kernel arrays for new parameters (O(K D), no clustering),
     re-calibrated as in :func:`build_selection` (``calibrate_n=0``: keep the old ``n_search``)."""
     w, m, v = _check_params(weights, means, variances)
@@ -299,8 +325,9 @@ def refresh_selection(sel: Selection, weights, means, variances, dot_dtype=None,
         raise ValueError(f"means: {m.shape[0]} components, the selection has {sel.n_components}")
     new = _prepare(sel.group_of, sel.n_groups, w, m, v, dot_dtype or sel.mem_Wb.dtype.name)
     if not calibrate_n:
-        return dataclasses.replace(new, n_search=sel.n_search, recall_curve=sel.recall_curve)
-    return _calibrated(new, calibrate_n, target_recall, seed)
+        return dataclasses.replace(new, n_search=sel.n_search, recall_curve=sel.recall_curve,
+                                   gap_curve=sel.gap_curve)
+    return _calibrated(new, calibrate_n, target_recall, target_gap, seed)
 
 
 # ------------------------------------------------------------------ wrappers
