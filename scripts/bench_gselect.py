@@ -68,7 +68,7 @@ def make_model(K, D, n_train, n_lloyd, n_em, seed, cache=None):
         np.add.at(S, lab, X.astype(np.float64))
         ok = cnt > 0
         C[ok] = (S[ok] / cnt[ok, None]).astype(np.float32)
-    gmm = DiagGMM(K, max_iter=n_em, n_heldout=0, quiet=True)
+    gmm = DiagGMM(K, max_iter=n_em, n_heldout=0)
     gmm.init_from_codebook(X, C)
     for _ in range(n_em):
         gmm.em_step(X)
