@@ -25,14 +25,32 @@ def _add_common(p):
     p.add_argument("--debug", action="store_true", help="show tracebacks")
 
 
+def _add_cluster(p):
+    """--scheduler / --workers: where the full passes run (streamq.distributed)."""
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--scheduler", metavar="ADDRESS", default=None,
+                   help="run the passes on the Dask cluster at ADDRESS (tcp://host:8786, or a scheduler file "
+                   ".json); workers must reach the store (default: in-process)")
+    g.add_argument("--workers", metavar="N", type=_positive_int, default=None,
+                   help="run the passes on a local Dask cluster of N worker processes (default: in-process)")
+
+
+def _client(a):
+    """The Dask client of --scheduler / --workers for the command's duration (None: in-process), then closed."""
+    from .distributed import connect
+
+    return connect(getattr(a, "scheduler", None), getattr(a, "workers", None))
+
+
 # ------------------------------------------------------------------- commands
 def cmd_ingest(a):
     from .features import FeatureConfig
     from .ingest import ingest
 
     cfg = FeatureConfig(sample_rate=a.sample_rate, numcep=a.numcep)
-    s = ingest(a.src, a.store, cfg, split=a.split, jobs=a.jobs, strict=a.strict, chunk_frames=a.chunk_frames,
-               quiet=a.quiet)
+    with _client(a) as client:
+        s = ingest(a.src, a.store, cfg, split=a.split, jobs=a.jobs, strict=a.strict, chunk_frames=a.chunk_frames,
+                   quiet=a.quiet, client=client)
     print(f"{s['store']}: +{s['added']} utterances ({s['audio_seconds'] / 3600:.3f} h, {s['frames_added']} frames) "
           f"in {s['wall_seconds']:.1f} s; {s['skipped_existing']} already stored; {s['rejected']} rejected"
           + (f" (see {s['rejects_file']})" if s["rejects_file"] else "")
@@ -59,9 +77,10 @@ def cmd_info(a):
 def cmd_fit(a):
     from .pipelines import run_fit
 
-    s = run_fit(a.store, a.out, n_clusters=a.k, method=a.method, batch_size=a.batch_size, max_steps=a.steps,
-                decay=a.decay, eps=a.eps, seed=a.seed, resume=a.resume, repair=not a.no_repair,
-                verbose=int(not a.quiet))
+    with _client(a) as client:
+        s = run_fit(a.store, a.out, n_clusters=a.k, method=a.method, batch_size=a.batch_size, max_steps=a.steps,
+                    decay=a.decay, eps=a.eps, seed=a.seed, resume=a.resume, repair=not a.no_repair,
+                    verbose=int(not a.quiet), client=client)
     which = "held-out" if s["heldout"] else "training-sample"
     print(f"{a.out}: K={s['k']} {s['method']} codebook; {which} loss {s['loss']:.4f}, "
           f"entropy {s['entropy']:.3f} / log K {s['log_k']:.3f}, {s['dead']} dead, {s['repaired']} repaired, "
@@ -81,8 +100,9 @@ def cmd_compare(a):
 def cmd_gmm(a):
     from .pipelines import run_gmm
 
-    s = run_gmm(a.store, a.codebook_dir, a.out, iters=a.iters, resume=a.resume, gselect=a.gselect, seed=a.seed,
-                verbose=int(not a.quiet))
+    with _client(a) as client:
+        s = run_gmm(a.store, a.codebook_dir, a.out, iters=a.iters, resume=a.resume, gselect=a.gselect, seed=a.seed,
+                    verbose=int(not a.quiet), client=client)
     print(f"{s['out']}: {s['n_components']}-component diagonal GMM, {s['iterations']} EM iterations over "
           f"{s['frames']:,} frames; held-out log-likelihood {s['heldout_loglik']:.4f} per frame, "
           f"{s['reseeded']} re-seeded, {s['seconds']:.1f} s")
@@ -91,8 +111,10 @@ def cmd_gmm(a):
 def cmd_align(a):
     from .pipelines import run_align
 
-    s = run_align(a.store, a.model, a.out, iters=a.iters, jobs=a.jobs, plots=a.plot, verbose=int(not a.quiet),
-                  states_per_symbol=a.states_per_symbol, formats=[f for f in a.format.split(",") if f])
+    with _client(a) as client:
+        s = run_align(a.store, a.model, a.out, iters=a.iters, jobs=a.jobs, plots=a.plot, verbose=int(not a.quiet),
+                      states_per_symbol=a.states_per_symbol, formats=[f for f in a.format.split(",") if f],
+                      client=client)
     print(f"{s['out']}: aligned {s['aligned']} of {s['utterances']} utterances ({s['aligned_hours']:.3f} h) in "
           f"{s['iterations']} EM iterations, log-likelihood {s['loglik_per_frame']:.4f} per frame, "
           f"{s['seconds']:.1f} s; {s['unaligned']} unaligned (see unaligned.tsv), {s['flagged']} flagged "
@@ -110,7 +132,8 @@ def cmd_cmvn(a):
 def cmd_quantise(a):
     from .pipelines import run_quantise
 
-    s = run_quantise(a.store, a.codebook_dir, a.out, verbose=int(not a.quiet))
+    with _client(a) as client:
+        s = run_quantise(a.store, a.codebook_dir, a.out, verbose=int(not a.quiet), client=client)
     print(f"{s['out']}: {s['frames']:,} frames quantised with K={s['k']}; mean squared distance "
           f"{s['mean_d2']:.4f}, {s['seconds']:.1f} s")
 
@@ -227,6 +250,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sample-rate", type=_positive_int, default=16000, help="resample to this rate (default 16000)")
     p.add_argument("--numcep", type=_positive_int, default=13, help="cepstra per frame (default 13)")
     p.add_argument("--chunk-frames", type=_positive_int, default=None, help="frames per Zarr chunk (default ~2 MB)")
+    _add_cluster(p)
     _add_common(p)
     p.set_defaults(func=cmd_ingest)
 
@@ -253,6 +277,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     p.add_argument("--no-repair", action="store_true", help="leave dead codewords alone")
     p.add_argument("--resume", action="store_true", help="continue from OUT's checkpoint (same settings)")
+    _add_cluster(p)
     _add_common(p)
     p.set_defaults(func=cmd_fit)
 
@@ -277,6 +302,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "representatives then the members of the best groups (default: exact, all components)")
     p.add_argument("--seed", type=int, default=0, help="random seed of the held-out sample (default 0)")
     p.add_argument("--resume", action="store_true", help="continue from OUT/gmm.npz (same settings)")
+    _add_cluster(p)
     _add_common(p)
     p.set_defaults(func=cmd_gmm)
 
@@ -292,6 +318,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", default="textgrid",
                    help="per-utterance files, comma-separated: textgrid (long), short-textgrid, json (MFA / praatio), "
                    "csv (MFA); words.ctm, chars.ctm and alignment_analysis.csv are always written (default textgrid)")
+    _add_cluster(p)
     _add_common(p)
     p.set_defaults(func=cmd_align)
 
@@ -311,6 +338,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("store")
     p.add_argument("codebook_dir", help="directory written by `streamq fit` (or a codebook .npy)")
     p.add_argument("out")
+    _add_cluster(p)
     _add_common(p)
     p.set_defaults(func=cmd_quantise)
     _add_picture_parsers(sub)
