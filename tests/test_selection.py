@@ -307,6 +307,20 @@ def test_single_component_dimension_and_frame():
     assert f[0, 0] == pytest.approx(1.0 - 2.0) and s[0, 0] == pytest.approx(1.0)
 
 
+def test_no_frames_and_float64_frames(rng):
+    w, mu, var = random_gmm(rng, 30, 3)
+    sel = S.build_selection(w, mu, var, n_groups=4)
+    idx, ll = S.select(np.zeros((0, 3), np.float32), sel, n=5)
+    assert idx.shape == (0, 5) and ll.shape == (0, 5)
+    total, occ, f, s = S.selected_accumulate(np.zeros((0, 3), np.float32), sel, n=5)
+    assert total == 0.0 and not occ.any() and f.shape == (30, 3)
+    X = sample(rng, w, mu, var, 50)
+    a = S.select(X.astype(np.float64), sel, n=5, n_search=2)
+    b = S.select(X, sel, n=5, n_search=2)
+    np.testing.assert_array_equal(a[0], b[0])
+    np.testing.assert_allclose(a[1], b[1], rtol=1e-12)
+
+
 def test_zero_weight_components_are_never_preferred(rng):
     w, mu, var = random_gmm(rng, 20, 2)
     w[:10] = 0.0
