@@ -20,6 +20,8 @@ transcripts (None for a store). Files are written by :func:`streamq.pipelines.ru
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,13 +31,20 @@ from sklearn.base import BaseEstimator
 from sklearn.utils.validation import check_is_fitted
 
 from .artifacts import Gaussians, load_model
-from .kernels.lattice import forward_backward, viterbi
-from .kernels.tied import diag_gauss_loglik, frame_normalise, mixture_counts, mixture_likelihoods, occupancy_by_unit
+from .kernels.lattice import forward_backward, forward_backward_pruned, viterbi, viterbi_pruned
+from .kernels.tied import (diag_gauss_loglik, frame_normalise, mixture_counts, mixture_likelihoods, occupancy_by_unit,
+                           sparse_frame_normalise, sparse_mixture_counts, sparse_mixture_likelihoods)
+from .selection import build_selection, select
 from .progress import bar, log
 from .store import UtteranceSource, as_utterances
 from .transcripts import SIL, Chain, Inventory
 
 HISTORY_FIELDS = ["iteration", "loglik", "loglik_per_frame", "aligned", "log_fallbacks", "seconds"]
+
+DEFAULT_BEAM = 100.0        # nats; see Aligner(beam=...)
+DEFAULT_RETRY_BEAM = 400.0  # nats (exp(-400) is still a normal float64: the scaled lattice can prune at it)
+DENSE_FALLBACK_CELLS = 2 ** 24  # T x S of the log-domain fallback on underflow (three float64 T x S arrays)
+NO_PATH = "no finite path (every state sequence has zero probability)"
 
 
 def gaussians_from_codebook(codebook, utterances: UtteranceSource, verbose=0, client=None) -> Gaussians:
@@ -148,6 +157,80 @@ def _segments(chain: Chain, path: np.ndarray):
     return chars, words
 
 
+def _beams(est):
+    b = getattr(est, "beam", DEFAULT_BEAM)
+    if b is None:
+        return [np.inf]
+    r = getattr(est, "retry_beam", None)
+    return [float(b)] + ([float(r)] if r is not None and float(r) > float(b) else [])
+
+
+def _note(est, kind, info):
+    """Keep the largest working set (bytes) and window (states) of each lattice kernel in ``lattice_stats_``."""
+    st = getattr(est, "lattice_stats_", None)
+    if st is None:
+        return
+    with getattr(est, "_cache_lock", None) or contextlib.nullcontext():
+        st[kind + "_max_bytes"] = max(st.get(kind + "_max_bytes", 0), int(info[0]))
+        st[kind + "_max_width"] = max(st.get(kind + "_max_width", 0), int(info[1]))
+
+
+def _fail(est, i, reason):
+    r = getattr(est, "_fail_reasons", None)
+    if r is not None:
+        r[i] = reason
+
+
+def _beam_reason(beams):
+    if beams[-1] == np.inf:
+        return NO_PATH
+    more = f" or retry-beam {beams[-1]:g}" if len(beams) > 1 else ""
+    return (f"no path inside beam {beams[0]:g}{more} (the transcript probably does not match the audio; "
+            f"try a wider --retry-beam)")
+
+
+def _lattice_posteriors(est, P, shift, local, n_units, stay, nxt, skip, path=None):
+    """Forward-backward on the pruned, checkpointed lattice (retried at ``retry_beam``; the exact log-domain
+    kernel on numerical underflow when T x S is small enough). Returns (occ (T, U), loglik, xi, posterior of
+    ``path`` per frame, used_log) or (None, reason, used_log)."""
+    T, S = P.shape[0], len(local)
+    pth = np.zeros(0, np.int64) if path is None else np.ascontiguousarray(path, np.int64)
+    beams = _beams(est)
+    status = 1
+    for b in beams:
+        occ, ll, xi, status, pp, info = forward_backward_pruned(P, local, stay, nxt, skip, n_units, b, 0, pth)
+        _note(est, "forward_backward", info)
+        if status == 0:
+            return occ, ll + float(shift.sum()), xi, pp, False
+        if status == 2:
+            break
+    if status == 2:
+        if T * S > DENSE_FALLBACK_CELLS:
+            return None, (f"numerical underflow in forward-backward ({T} frames x {S} states: too large for the "
+                          f"log-domain fallback)"), False
+        with np.errstate(divide="ignore"):
+            log_emit = np.log(P) + shift[:, None]
+        gamma, ll, xi, _ = forward_backward(log_emit, local, stay, nxt, skip)
+        if not np.isfinite(ll):
+            return None, NO_PATH, True
+        pp = gamma[np.arange(T), pth] if path is not None else np.zeros(T)
+        return occupancy_by_unit(gamma, local, n_units), ll, xi, pp, True
+    return None, _beam_reason(beams), False
+
+
+def _lattice_viterbi(est, P, shift, local, stay, nxt, skip):
+    """Best path on the pruned lattice (retried at ``retry_beam``): (path, score, None) or (None, -inf, reason)."""
+    with np.errstate(divide="ignore"):
+        log_emit = np.log(P) + shift[:, None]
+    beams = _beams(est)
+    for b in beams:
+        path, score, status, info = viterbi_pruned(log_emit, local, stay, nxt, skip, b)
+        _note(est, "viterbi", info)
+        if status == 0:
+            return path, score, None
+    return None, -np.inf, _beam_reason(beams)
+
+
 class Aligner(BaseEstimator):
     """Tied-mixture chain-HMM forced aligner, trained by EM over a corpus (scikit-learn style).
 
@@ -168,7 +251,20 @@ class Aligner(BaseEstimator):
     weight_prior : float, Dirichlet pseudo-count (in frames) pulling each unit's weights towards
         the model's global weights; 0 gives plain maximum-likelihood EM.
     n_jobs : int, threads over utterances (kernels release the GIL).
-    cache_mb : float, keep per-frame Gaussian likelihoods in memory between iterations up to this size.
+    cache_mb : float, keep per-frame Gaussian likelihoods in memory between iterations up to this size
+        (MiB); utterances that do not fit are recomputed every iteration. Sparse entries take
+        T (8 gselect + 8) bytes, dense ones T K 8.
+    gselect : int or None, Gaussian selection: each frame's top-``gselect`` Gaussians and their
+        log-likelihoods are found once (hierarchical selection, :mod:`streamq.selection`, built once from
+        the model: the Gaussians do not change during alignment EM) and reused by every iteration, whose
+        cost becomes frames x gselect x units instead of frames x K. None: every Gaussian (exact, dense).
+        ``gselect >= K`` lists every Gaussian (the sparse path, exact).
+    beam : float or None, lattice pruning in nats (Kaldi's ``--beam``): per frame only the states whose
+        scaled forward probability (Viterbi: partial score) is within ``beam`` of the frame's best are
+        kept, and forward-backward keeps checkpoints only (memory O(T U + sqrt(T) width), not T x S: long
+        recordings). None: no pruning (exact).
+    retry_beam : float or None, a wider beam for utterances with no path inside ``beam``; those still
+        without one are listed in ``unaligned_`` with the reason.
     trace : tuple of utterance indices whose state posteriors and Viterbi path are recorded after every
         EM iteration (``traces_``; the pictures of ``streamq plot align``).
     verbose : int, 0 silent, 1 progress bars.
@@ -185,7 +281,8 @@ class Aligner(BaseEstimator):
     """
 
     def __init__(self, model=None, states_per_symbol=3, max_iter=30, pause_prob=0.5, self_loop_floor=0.1,
-                 self_loop=None, update_transitions=False, weight_prior=1.0, n_jobs=1, cache_mb=512.0, trace=(),
+                 self_loop=None, update_transitions=False, weight_prior=1.0, n_jobs=1, cache_mb=512.0,
+                 gselect=None, beam=DEFAULT_BEAM, retry_beam=DEFAULT_RETRY_BEAM, trace=(),
                  verbose=0, client=None):
         self.client = client
         self.model = model
@@ -198,6 +295,9 @@ class Aligner(BaseEstimator):
         self.weight_prior = weight_prior
         self.n_jobs = n_jobs
         self.cache_mb = cache_mb
+        self.gselect = gselect
+        self.beam = beam
+        self.retry_beam = retry_beam
         self.trace = trace
         self.verbose = verbose
 
@@ -219,6 +319,14 @@ class Aligner(BaseEstimator):
             raise ValueError(f"weight_prior must be >= 0, got {self.weight_prior}")
         if int(self.n_jobs) < 1:
             raise ValueError(f"n_jobs must be >= 1, got {self.n_jobs}")
+        if self.gselect is not None and int(self.gselect) < 1:
+            raise ValueError(f"gselect must be >= 1 or None, got {self.gselect}")
+        for name in ("beam", "retry_beam"):
+            v = getattr(self, name)
+            if v is not None and not (float(v) > 0):
+                raise ValueError(f"{name} must be > 0 or None, got {v}")
+        if self.cache_mb < 0:
+            raise ValueError(f"cache_mb must be >= 0, got {self.cache_mb}")
 
     def _prepare(self, corpus: UtteranceSource):
         self._check_params()
@@ -247,6 +355,15 @@ class Aligner(BaseEstimator):
                 self.self_loops_[i] = self._init_loop(ch, T)
         self._cache = {}
         self._cache_budget = self.cache_mb * 2 ** 20
+        self._cache_lock = threading.Lock()
+        self._select_lock = threading.Lock()
+        self._fail_reasons = {}
+        self.lattice_stats_ = {}
+        self._selection = None
+        if self.gselect is not None:  # ranked by N_k(x) alone (uniform weights): the unit weights replace w_k
+            K = g.n_components
+            self._selection = build_selection(np.ones(K), g.means, g.variances, seed=0,
+                                              calibrate_n=min(int(self.gselect), K))
 
     def _init_loop(self, ch: Chain, T: int) -> float:
         if self.self_loop is not None:
@@ -256,41 +373,74 @@ class Aligner(BaseEstimator):
 
     # ------------------------------------------------------------------ per utterance
     def _frame_gauss(self, i, X):
-        """exp(G - max) (T, K) and the shift (T,), cached between iterations while the budget allows."""
+        """Each frame's Gaussian log-likelihoods, computed once and cached between EM iterations while the
+        ``cache_mb`` budget allows (recomputed each time otherwise).
+
+        Dense (``gselect=None``): ``(None, exp(G - shift) float64 (T, K), shift float64 (T,))``.
+        Sparse: ``(comps int32 (C,), (cidx int32 (T, n), rel float32 (T, n)), shift float64 (T,))``: each
+        frame's top-n Gaussians by hierarchical selection, numbered among the C distinct ones the utterance
+        uses (component ``comps[cidx[t, j]]``; -1 = empty slot), and their log-likelihoods relative to the
+        frame's best, ``log N_k(x_t) - shift[t]``. Never a T x K matrix.
+        """
         hit = self._cache.get(i)
         if hit is not None:
             return hit
         g = self.gaussians_
-        G = np.empty((len(X), g.n_components))
-        diag_gauss_loglik(X, g.means, g.variances, G)
-        shift = frame_normalise(G)
-        if G.nbytes <= self._cache_budget:
-            self._cache_budget -= G.nbytes
-            self._cache[i] = (G, shift)
-        return G, shift
+        sel = getattr(self, "_selection", None)
+        if sel is None:
+            G = np.empty((len(X), g.n_components))
+            diag_gauss_loglik(X, g.means, g.variances, G)
+            shift = frame_normalise(G)
+            entry, nbytes = (None, G, shift), G.nbytes + shift.nbytes
+        else:
+            K = g.n_components
+            n = min(int(self.gselect), K)
+            with getattr(self, "_select_lock", None) or contextlib.nullcontext():
+                idx, ll = select(X, sel, n, sel.n_groups if n >= K else None)
+            rel, shift = sparse_frame_normalise(ll)
+            shift += np.log(K)  # the selection's weights are 1 / K: back to log N_k(x)
+            comps = np.unique(idx[idx >= 0]).astype(np.int32)
+            cidx = np.where(idx >= 0, np.searchsorted(comps, idx), -1).astype(np.int32)
+            entry = (comps, (cidx, rel), shift)
+            nbytes = cidx.nbytes + rel.nbytes + shift.nbytes + comps.nbytes
+        with getattr(self, "_cache_lock", None) or contextlib.nullcontext():
+            if nbytes <= self._cache_budget:
+                self._cache_budget -= nbytes
+                self._cache[i] = entry
+        return entry
 
     def _emissions(self, i, X, ch: Chain):
-        """Local units, log-emissions (T, n_local), Gexp, per-unit likelihoods (T, n_local)."""
-        Gx, shift = self._frame_gauss(i, X)
+        """Local units (U,), state -> local unit int64 (S,), emission likelihoods P float64 (T, U) relative
+        to ``shift`` (T,) (log-emission = shift + log P), and (comps, G, W) for the M-step statistics
+        (dense: W (U, K); sparse: W float64 (C, U), the weights of the utterance's components, transposed)."""
+        comps, G, shift = self._frame_gauss(i, X)
         units, local = np.unique(ch.units, return_inverse=True)
-        W = np.ascontiguousarray(self.unit_weights_[units])
-        P = mixture_likelihoods(Gx, W)
-        with np.errstate(divide="ignore"):
-            log_emit = np.log(P) + shift[:, None]
-        return units, local.astype(np.int64), log_emit, Gx, P, W
+        if comps is None:
+            W = np.ascontiguousarray(self.unit_weights_[units])
+            P = mixture_likelihoods(G, W)
+        else:
+            W = np.ascontiguousarray(self.unit_weights_[np.ix_(units, comps)].T)
+            P = sparse_mixture_likelihoods(G[0], G[1], W)
+        return units, local.astype(np.int64), P, shift, (comps, G, W)
 
     def _e_step(self, i, X):
+        """(i, loglik, rows, counts, self-loop estimate, used_log): ``acc[rows] += counts`` adds the
+        utterance's statistics (rows = its units, or its units x its selected components)."""
         ch = self.chains_[i]
-        units, local, log_emit, Gx, P, W = self._emissions(i, X, ch)
+        units, local, P, shift, (comps, G, W) = self._emissions(i, X, ch)
         stay, nxt, skip = ch.transitions(self.self_loops_[i], self.pause_prob)
-        gamma, ll, xi, used_log = forward_backward(log_emit, local, stay, nxt, skip)
-        if not np.isfinite(ll):
-            return i, ll, None, None, None, used_log
-        occ = occupancy_by_unit(gamma, local, len(units))
-        counts = mixture_counts(Gx, occ, P, W)
+        res = _lattice_posteriors(self, P, shift, local, len(units), stay, nxt, skip)
+        if res[0] is None:
+            _fail(self, i, res[1])
+            return i, -np.inf, None, None, None, res[2]
+        occ, ll, xi, _, used_log = res
+        if comps is None:
+            rows, counts = units, mixture_counts(G, occ, P, W)
+        else:
+            rows, counts = np.ix_(units, comps), sparse_mixture_counts(G[0], G[1], occ, P, W).T
         tot = xi.sum()
         loop = xi[:, 0].sum() / tot if tot > 0 else np.nan
-        return i, ll, units, counts, loop, used_log
+        return i, ll, rows, counts, loop, used_log
 
     def _map(self, fn, corpus, indices):
         """fn(i, X) over utterances in order; threads when jobs > 1 (results come back in order)."""
@@ -352,7 +502,7 @@ class Aligner(BaseEstimator):
                     new_loops[i] = loop
                 bad = [i for i in todo if i not in new_loops]
                 for i in bad:
-                    self.unaligned_[i] = "no finite path (every state sequence has zero probability)"
+                    self.unaligned_[i] = self._fail_reasons.get(i, NO_PATH)
                 todo = [i for i in todo if i in new_loops]
                 # M-step: tied weights (MAP with a Dirichlet prior towards the global weights)
                 num = acc + prior
@@ -375,14 +525,17 @@ class Aligner(BaseEstimator):
         return self
 
     def _record_traces(self):
-        """Posteriors and Viterbi path of the traced utterances under the current weights."""
+        """Posteriors and Viterbi path of the traced utterances under the current weights (exact, dense
+        lattices: T x S each, so trace short utterances)."""
         for i, tr in self.traces_.items():
             if i in self.unaligned_:
                 continue
             X = self.corpus_.utterance(i)
             ch = self.chains_[i]
-            units, local, log_emit, Gx, P, W = self._emissions(i, X, ch)
+            units, local, P, shift, _ = self._emissions(i, X, ch)
             stay, nxt, skip = ch.transitions(self.self_loops_[i], self.pause_prob)
+            with np.errstate(divide="ignore"):
+                log_emit = np.log(P) + shift[:, None]
             gamma, ll = forward_backward(log_emit, local, stay, nxt, skip)[:2]
             path, _ = viterbi(log_emit, local, stay, nxt, skip)
             tr["posteriors"].append(gamma.astype(np.float16))
@@ -394,18 +547,29 @@ class Aligner(BaseEstimator):
         ch = self.chains_[i]
         if ch is None:
             return i, None
-        units, local, log_emit, Gx, P, W = self._emissions(i, X, ch)
+        units, local, P, shift, _ = self._emissions(i, X, ch)
         stay, nxt, skip = ch.transitions(self.self_loops_[i], self.pause_prob)
-        path, score = viterbi(log_emit, local, stay, nxt, skip)
-        if not np.isfinite(score):
+        path, score, reason = _lattice_viterbi(self, P, shift, local, stay, nxt, skip)
+        if path is None:
+            _fail(self, i, reason)
             return i, None
         chars, words = _segments(ch, path)
-        gamma, ll = forward_backward(log_emit, local, stay, nxt, skip)[:2]
-        on_path = gamma[np.arange(len(path)), path]
+        gamma = None
+        if posteriors:  # the full T x S posteriors were asked for: exact dense lattice
+            with np.errstate(divide="ignore"):
+                log_emit = np.log(P) + shift[:, None]
+            gamma, ll = forward_backward(log_emit, local, stay, nxt, skip)[:2]
+            on_path = gamma[np.arange(len(path)), path]
+        else:
+            res = _lattice_posteriors(self, P, shift, local, len(units), stay, nxt, skip, path)
+            if res[0] is None:  # Viterbi found a path the forward pass pruned: no confidences
+                on_path, ll = np.full(len(path), np.nan), np.nan
+            else:
+                on_path, ll = res[3], res[1]
         labels = self.inventory_.unit_labels()
         k = self.states_per_symbol
         return i, Alignment(self.corpus_.ids[i], path, float(score), chars, words,
-                            [labels[u] for u in ch.units], gamma if posteriors else None,
+                            [labels[u] for u in ch.units], gamma,
                             [float(on_path[a:b].mean()) for a, b, _ in chars],
                             [float(on_path[a:b].mean()) for a, b, _ in words], float(ll) / len(path),
                             [k * len(w) for w in ch.words], len(path))
@@ -427,7 +591,7 @@ class Aligner(BaseEstimator):
         for i, a in dist if dist is not None else self._map(lambda i, X: self._decode(i, X, i in post), corpus,
                                                              indices):
             if a is None and i not in self.unaligned_:
-                self.unaligned_[i] = "no finite path (every state sequence has zero probability)"
+                self.unaligned_[i] = self._fail_reasons.get(i, NO_PATH)
             yield i, a
 
     def align(self, frames, transcript, posteriors=False, update=False):

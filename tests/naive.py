@@ -333,3 +333,89 @@ def gmm_case(offset, scale, N, K, D, seed=0):
     z = rng.choice(K, N, p=w)
     X = (offset + scale * (mu0[z] + rng.normal(size=(N, D)) * np.sqrt(var0[z]))).astype(np.float32)
     return X, w, offset + scale * mu0, var0 * scale ** 2
+
+
+# ------------------------------------------------------------------------- sparse emissions, pruned lattices
+# (streamq.kernels.tied sparse_*, streamq.kernels.lattice forward_backward_pruned / viterbi_pruned)
+
+
+def sparse_frame_normalise(ll):
+    shift = ll.max(1)
+    with np.errstate(invalid="ignore"):
+        rel = np.where(np.isfinite(shift)[:, None], ll - shift[:, None], -np.inf)
+    return rel.astype(np.float32), shift
+
+
+def sparse_mixture_likelihoods(idx, rel, Wt):
+    """P[t, u] = sum_j Wt[idx[t, j], u] exp(rel[t, j]) over the slots with idx >= 0."""
+    T, n = idx.shape
+    P = np.zeros((T, Wt.shape[1]))
+    for t in range(T):
+        for j in range(n):
+            if idx[t, j] >= 0:
+                P[t] += Wt[idx[t, j]] * math.exp(float(rel[t, j]))
+    return P
+
+
+def sparse_mixture_counts(idx, rel, occ, P, Wt):
+    """counts[k, u] = sum over slots listing k of occ[t, u] Wt[k, u] exp(rel[t, j]) / P[t, u]."""
+    T, n = idx.shape
+    out = np.zeros(Wt.shape)
+    for t in range(T):
+        for u in range(Wt.shape[1]):
+            if occ[t, u] > 0 and P[t, u] > 0:
+                for j in range(n):
+                    k = idx[t, j]
+                    if k >= 0:
+                        out[k, u] += occ[t, u] * Wt[k, u] * math.exp(float(rel[t, j])) / P[t, u]
+    return out
+
+
+def end_distance(nxt, skip):
+    """Fewest transitions to the last state, by brute-force relaxation (a large number if unreachable)."""
+    S = len(nxt)
+    big = 1 << 60
+    d = [big] * S
+    d[S - 1] = 0
+    for _ in range(S):
+        for s in range(S - 1):
+            if nxt[s] > 0 and d[s + 1] < big:
+                d[s] = min(d[s], d[s + 1] + 1)
+            if s + 2 < S and skip[s] > 0 and d[s + 2] < big:
+                d[s] = min(d[s], d[s + 2] + 1)
+    return np.array(d, np.int64)
+
+
+def pruned_windows(P, state_unit, stay, nxt, skip, beam):
+    """The forward pass's windows [lo_t, hi_t]: dense forward over every state; the first and last state whose
+    scaled forward value is > 0, within exp(-beam) of the frame's best (any state) and able to reach the end in
+    the frames left; values outside the window, and of states inside it that cannot reach the end, dropped."""
+    T, S = P.shape[0], len(state_unit)
+    A = np.exp(dense_logA(stay, nxt, skip))
+    d = end_distance(nxt, skip)
+    lo, hi = np.zeros(T, np.int64), np.zeros(T, np.int64)
+    a = np.zeros(S)
+    a[0] = 1.0
+    for t in range(1, T):
+        a = (a @ A) * P[t, state_unit]
+        ok = d <= T - 1 - t
+        keep = np.flatnonzero((a > 0) & (a >= a.max() * math.exp(-beam)) & ok)
+        lo[t], hi[t] = keep[0], keep[-1]
+        a[~ok] = 0.0
+        a[:lo[t]] = 0.0
+        a[hi[t] + 1:] = 0.0
+        a /= a.sum()
+    return lo, hi
+
+
+def pruned_forward_backward(P, state_unit, stay, nxt, skip, beam):
+    """Forward-backward restricted to :func:`pruned_windows` (emissions -inf outside): (gamma, loglik, xi)."""
+    lo, hi = pruned_windows(P, state_unit, stay, nxt, skip, beam)
+    T, S = P.shape[0], len(state_unit)
+    with np.errstate(divide="ignore"):
+        le = np.log(P[:, state_unit])
+    mask = np.zeros((T, S), bool)
+    for t in range(T):
+        mask[t, lo[t]:hi[t] + 1] = True
+    le[~mask] = -np.inf
+    return forward_backward(le, np.arange(S), stay, nxt, skip)

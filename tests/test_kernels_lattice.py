@@ -230,3 +230,169 @@ def test_viterbi_tie_rule_prefers_smaller_jump():
     bpath, bscore = naive.viterbi(le, np.arange(S), np.full(S, 0.5), np.full(S, 0.5), np.zeros(S))
     assert score == pytest.approx(bscore)
     assert path.tolist() == [0, 1, 2, 2, 2]
+
+
+# --------------------------------------------------------------------------- pruned, checkpointed lattices
+from streamq.kernels.lattice import end_distance, forward_backward_pruned, viterbi_pruned  # noqa: E402
+
+NOPATH = np.zeros(0, np.int64)
+
+
+def chain_problem(T, S, seed=0, contrast=0.8, skips=False):
+    """Aligner-like emissions: a true path with ~T/S frames per state; returns (P, shift, su, stay, nxt, skip, truth)."""
+    rng = np.random.default_rng(seed)
+    cuts = np.sort(rng.choice(np.arange(1, T), S - 1, replace=False))
+    truth = np.zeros(T, np.int64)
+    truth[cuts] = 1
+    truth = np.cumsum(truth)
+    le = -0.5 * (rng.normal(size=(T, 1)) + (truth[:, None] - np.arange(S)[None, :]) * contrast) ** 2 - 10.0
+    if skips:
+        stay, nxt, skip = random_chain(rng, S, True)
+    else:
+        p = 1 - S / T
+        stay, nxt, skip = np.full(S, p), np.full(S, 1 - p), np.zeros(S)
+        stay[-1], nxt[-1] = 1.0, 0.0
+    shift = le.max(1)
+    return np.exp(le - shift[:, None]), shift, np.arange(S, dtype=np.int64), stay, nxt, skip, truth
+
+
+def occ_of(gamma, su, U):
+    occ = np.zeros((gamma.shape[0], U))
+    for s, u in enumerate(su):
+        occ[:, u] += gamma[:, s]
+    return occ
+
+
+def test_end_distance_matches_reference():
+    rng = np.random.default_rng(3)
+    for S in (1, 2, 7, 30):
+        stay, nxt, skip = random_chain(rng, S, True)
+        nxt[S // 2] = 0.0 if S > 3 else nxt[S // 2]  # a state that can only skip (or is stuck)
+        np.testing.assert_array_equal(end_distance(nxt, skip), naive.end_distance(nxt, skip))
+
+
+@pytest.mark.parametrize("T,S,U,skips", [(1, 1, 1, False), (5, 1, 1, False), (4, 4, 4, False), (12, 5, 3, True),
+                                         (40, 9, 9, True), (60, 20, 7, True), (3, 7, 7, True), (200, 30, 11, True)])
+def test_pruned_without_beam_equals_dense(T, S, U, skips):
+    """beam = inf: the exact lattice (naive dense reference and forward_backward), for every checkpoint interval."""
+    rng = np.random.default_rng(T * 100 + S)
+    le = rng.normal(size=(T, U)) * 2 + 50.0
+    su = rng.integers(0, U, S).astype(np.int64)
+    stay, nxt, skip = random_chain(rng, S, skips)
+    shift = le.max(1)
+    P = np.exp(le - shift[:, None])
+    g_ref, ll_ref, xi_ref = naive.forward_backward(le, su, stay, nxt, skip)
+    g, ll, xi, _ = forward_backward(le, su, stay, nxt, skip)
+    path, score = viterbi(le, su, stay, nxt, skip)
+    vp, vs, vst, _ = viterbi_pruned(le, su, stay, nxt, skip, np.inf)
+    np.testing.assert_array_equal(vp, path)
+    assert vs == score or (vs == -np.inf and score == -np.inf)
+    for every in (0, 1, 2, 7, T):
+        occ, ll2, xi2, st, pp, info = forward_backward_pruned(P, su, stay, nxt, skip, U, np.inf, every,
+                                                               path if np.isfinite(score) else NOPATH)
+        if not np.isfinite(ll_ref):
+            assert st == 1 and ll2 == -np.inf and vst == 1
+            continue
+        assert st == 0 and vst == 0
+        assert ll2 + shift.sum() == pytest.approx(ll_ref, rel=1e-10, abs=1e-8)
+        assert ll2 + shift.sum() == pytest.approx(ll, rel=1e-12, abs=1e-9)
+        np.testing.assert_allclose(occ, occ_of(g_ref, su, U), atol=1e-9)
+        np.testing.assert_allclose(xi2, xi_ref, atol=1e-9 * T)
+        np.testing.assert_allclose(pp, g_ref[np.arange(T), path], atol=1e-9)
+        np.testing.assert_allclose(occ.sum(1), 1.0, rtol=1e-10)
+
+
+@pytest.mark.parametrize("beam,skips", [(3.0, False), (8.0, True), (30.0, False)])
+def test_pruned_beam_is_exact_on_its_windows(beam, skips):
+    """A finite beam: forward-backward on the restricted lattice (naive: dense over the same windows, -inf
+    outside), identical for every checkpoint interval, narrower than S."""
+    P, shift, su, stay, nxt, skip, _ = chain_problem(400, 40, seed=int(beam), skips=skips)
+    S = len(su)
+    g_ref, ll_ref, xi_ref = naive.pruned_forward_backward(P, su, stay, nxt, skip, beam)
+    runs = [forward_backward_pruned(P, su, stay, nxt, skip, S, beam, every, NOPATH) for every in (0, 1, 19, 400)]
+    occ, ll, xi, st, pp, info = runs[0]
+    assert st == 0 and info[1] < S
+    assert ll == pytest.approx(ll_ref, rel=1e-10)
+    np.testing.assert_allclose(occ, g_ref, atol=1e-9)
+    np.testing.assert_allclose(xi, xi_ref, atol=1e-7)
+    for r in runs[1:]:  # checkpoints recompute the same numbers
+        np.testing.assert_array_equal(r[0], occ)
+        np.testing.assert_array_equal(r[2], xi)
+        assert r[1] == ll
+    # the exact lattice's likelihood is an upper bound, reached as the beam widens
+    with np.errstate(divide="ignore"):
+        g, ll_full, _, _ = forward_backward(np.log(P) + shift[:, None], su, stay, nxt, skip)
+    assert ll + shift.sum() <= ll_full + 1e-9
+    if beam >= 30:
+        assert ll + shift.sum() == pytest.approx(ll_full, abs=1e-6)
+        np.testing.assert_allclose(occ, g, atol=1e-8)
+
+
+def test_viterbi_pruned_finite_beam_finds_the_exact_path():
+    P, shift, su, stay, nxt, skip, truth = chain_problem(3000, 120, seed=4)
+    with np.errstate(divide="ignore"):
+        le = np.log(P) + shift[:, None]
+    path, score = viterbi(le, su, stay, nxt, skip)
+    p2, s2, st, info = viterbi_pruned(le, su, stay, nxt, skip, 50.0)
+    assert st == 0 and info[1] < 120
+    np.testing.assert_array_equal(p2, path)
+    assert s2 == score
+    assert np.abs(np.argmax(np.diff(np.r_[0, p2]) > 0) - np.argmax(np.diff(np.r_[0, truth]) > 0)) <= 3
+
+
+def test_viterbi_pruned_brute_force():
+    rng = np.random.default_rng(11)
+    for _ in range(4):
+        T, S, U = 6, 4, 3
+        le = rng.normal(size=(T, U)) * 2
+        su = rng.integers(0, U, S).astype(np.int64)
+        stay, nxt, skip = random_chain(rng, S, True)
+        ref_path, ref = naive.viterbi(le, su, stay, nxt, skip)
+        p, sc, st, _ = viterbi_pruned(le, su, stay, nxt, skip, np.inf)
+        assert sc == pytest.approx(ref)
+        assert naive.path_score(le, su, stay, nxt, skip, p) == pytest.approx(ref)
+
+
+def test_pruned_lattice_dies_when_the_beam_cuts_the_only_way_out():
+    """Every frame but the last few fits state 0 best: the forward keeps state 0 and prunes the states ahead;
+    at the end no kept state can reach the last one in time -> status 1 with a narrow beam, a path with a
+    wide one (a retry-beam)."""
+    T, S = 60, 6
+    le = np.full((T, S), -40.0)
+    le[:, 0] = 0.0
+    le[-2:, -1] = 0.0
+    su = np.arange(S, dtype=np.int64)
+    stay, nxt, skip = np.full(S, 0.9), np.full(S, 0.1), np.zeros(S)
+    stay[-1], nxt[-1] = 1.0, 0.0
+    P = np.exp(le)
+    assert forward_backward_pruned(P, su, stay, nxt, skip, S, 5.0, 0, NOPATH)[3] == 1
+    assert viterbi_pruned(le, su, stay, nxt, skip, 5.0)[2] == 1
+    occ, ll, xi, st, pp, _ = forward_backward_pruned(P, su, stay, nxt, skip, S, 400.0, 0, NOPATH)
+    assert st == 0
+    assert ll == pytest.approx(forward_backward(le, su, stay, nxt, skip)[1], rel=1e-10)
+    assert viterbi_pruned(le, su, stay, nxt, skip, 400.0)[2] == 0
+
+
+def test_pruned_working_set_is_what_it_allocates_and_bounded():
+    """T = 20000 frames, S = 2000 states, beam 20: the kernel's reported working set (the sum of the arrays it
+    allocates, float64 = 8 bytes) is far below the dense lattice's T x S x 8, and matches its own formula."""
+    T, S, U = 20000, 2000, 25
+    _, _, _, stay, nxt, skip, truth = chain_problem(T, S, seed=1)
+    rng = np.random.default_rng(1)
+    su = np.arange(S, dtype=np.int64) % U  # states cycle through U units (characters of a transcript)
+    le = np.where(np.arange(U)[None, :] == (truth % U)[:, None], 0.0, -8.0) + rng.normal(size=(T, U))
+    shift = le.max(1)
+    P = np.exp(le - shift[:, None])
+    occ, ll, xi, st, pp, info = forward_backward_pruned(P, su, stay, nxt, skip, U, 20.0, 0, NOPATH)
+    assert st == 0
+    L = int(np.ceil(np.sqrt(T)))  # T x S > 2**22: checkpoints every ceil(sqrt(T)) frames
+    dense = T * S * 8
+    fixed = (occ.size + xi.size + pp.size) * 8 + T * 4 * 8 + 5 * S * 8 + S * 8
+    assert fixed <= info[0] <= fixed + (2 * (T // L + 1) + 2 * L) * info[1] * 8 + (T // L + 2 + L + 1 + 3) * 8 + 64 * 8
+    assert info[0] < dense / 50 and info[0] - occ.nbytes < dense / 300, (info, dense)  # O(T U) + small
+    np.testing.assert_allclose(occ.sum(1), 1.0, rtol=1e-9)
+    assert (occ.argmax(1) == truth % U).mean() > 0.95
+    le = np.log(P) + shift[:, None]
+    path, score, vst, vinfo = viterbi_pruned(le, su, stay, nxt, skip, 20.0)
+    assert vst == 0 and vinfo[0] < T * S / 20  # one byte per kept state-frame + O(T + S)
+    assert np.abs(path - truth).mean() < 1.0

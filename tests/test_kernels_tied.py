@@ -70,3 +70,86 @@ def test_mixture_likelihoods_and_counts():
     # K = 1: one Gaussian, every unit's mixture is that Gaussian
     P1 = mixture_likelihoods(Gx[:, :1], np.ones((U, 1)))
     np.testing.assert_allclose(P1, np.repeat(Gx[:, :1], U, 1))
+
+
+# --------------------------------------------------------------------------- sparse (Gaussian-selected) emissions
+from streamq.kernels.tied import sparse_frame_normalise, sparse_mixture_counts, sparse_mixture_likelihoods  # noqa: E402
+
+
+def sparse_case(rng, T, n, C, U, empty=True):
+    idx = np.stack([rng.choice(C, n, replace=False) for _ in range(T)]).astype(np.int32)
+    ll = -rng.exponential(5, (T, n)) - 1e3  # uncentred log-likelihoods
+    if empty and T > 2 and n > 1:
+        idx[1, -1] = -1  # an empty slot (fewer candidates than n)
+        ll[1, -1] = -np.inf
+    Wt = rng.dirichlet(np.ones(C), U).T.copy()
+    return idx, ll, Wt
+
+
+def test_sparse_frame_normalise():
+    rng = np.random.default_rng(1)
+    idx, ll, _ = sparse_case(rng, 20, 5, 9, 3)
+    ll[4] = -np.inf  # a frame with nothing listed
+    rel, shift = sparse_frame_normalise(ll)
+    ref_rel, ref_shift = naive.sparse_frame_normalise(ll)
+    np.testing.assert_array_equal(shift, ref_shift)
+    np.testing.assert_array_equal(rel, ref_rel)
+    assert rel.dtype == np.float32 and (rel[np.isfinite(rel)] <= 0).all() and (rel[[0, 2]].max(1) == 0).all()
+
+
+@pytest.mark.parametrize("T,n,C,U", [(31, 4, 11, 5), (1, 1, 1, 1), (17, 6, 6, 3), (9, 3, 40, 1)])
+def test_sparse_mixture_likelihoods_and_counts(T, n, C, U):
+    rng = np.random.default_rng(T * n + C)
+    idx, ll, Wt = sparse_case(rng, T, n, C, U)
+    Wt[0, :] = 0.0  # a component no unit uses
+    rel, shift = sparse_frame_normalise(ll)
+    P = sparse_mixture_likelihoods(idx, rel, Wt)
+    np.testing.assert_allclose(P, naive.sparse_mixture_likelihoods(idx, rel, Wt), rtol=1e-12)
+    occ = rng.uniform(size=(T, U))
+    if U > 1:
+        occ[:, -1] = 0.0  # a unit nobody occupies
+    counts = sparse_mixture_counts(idx, rel, occ, P, Wt)
+    np.testing.assert_allclose(counts, naive.sparse_mixture_counts(idx, rel, occ, P, Wt), rtol=1e-10, atol=1e-300)
+    ok = (P > 0)
+    np.testing.assert_allclose(counts.sum(0), (occ * ok).sum(0), rtol=1e-10)  # occupancy redistributed
+    assert not counts[0].any()
+    if U > 1:
+        assert not counts[:, -1].any()
+    # only listed components receive counts
+    listed = np.zeros(C, bool)
+    listed[idx[idx >= 0]] = True
+    assert not counts[~listed].any()
+
+
+def test_sparse_with_every_component_equals_dense():
+    """n = K with idx a per-frame permutation: the dense kernels' results, transposed."""
+    rng = np.random.default_rng(5)
+    T, K, U, D = 25, 7, 4, 3
+    X = (100 + rng.normal(size=(T, D))).astype(np.float32)
+    mu, var = 100 + rng.normal(size=(K, D)), rng.uniform(0.2, 2, (K, D))
+    G = np.empty((T, K))
+    diag_gauss_loglik(X, mu, var, G)
+    idx = np.stack([rng.permutation(K) for _ in range(T)]).astype(np.int32)
+    ll = np.take_along_axis(G, idx.astype(np.int64), 1)
+    Gx = G.copy()
+    shift = frame_normalise(Gx)
+    rel, shift2 = sparse_frame_normalise(ll)
+    np.testing.assert_allclose(shift2, shift)
+    W = rng.dirichlet(np.ones(K), U)
+    P = sparse_mixture_likelihoods(idx, rel, W.T.copy())
+    Pd = mixture_likelihoods(Gx, W)
+    np.testing.assert_allclose(P, Pd, rtol=1e-6)  # rel is float32
+    occ = rng.uniform(size=(T, U))
+    np.testing.assert_allclose(sparse_mixture_counts(idx, rel, occ, P, W.T.copy()).T,
+                               mixture_counts(Gx, occ, Pd, W), rtol=1e-5)
+
+
+def test_sparse_huge_relative_values_underflow_to_nothing():
+    idx = np.array([[0, 1], [1, -1]], np.int32)
+    rel = np.array([[0.0, -1e4], [0.0, -np.inf]], np.float32)
+    Wt = np.array([[0.5, 1.0], [0.5, 0.0]])
+    P = sparse_mixture_likelihoods(idx, rel, Wt)
+    np.testing.assert_allclose(P, [[0.5, 1.0], [0.5, 0.0]])
+    counts = sparse_mixture_counts(idx, rel, np.ones((2, 2)), P, Wt)
+    np.testing.assert_allclose(counts, [[1.0, 1.0], [1.0, 0.0]])  # frame 1 of unit 1: P = 0, nothing
+    assert np.isfinite(counts).all()

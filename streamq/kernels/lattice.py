@@ -26,7 +26,8 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
-__all__ = ["forward_backward", "forward_backward_log", "viterbi"]
+__all__ = ["forward_backward", "forward_backward_log", "viterbi", "forward_backward_pruned", "viterbi_pruned",
+           "end_distance"]
 
 
 # --------------------------------------------------------------------------- helpers
@@ -301,3 +302,383 @@ def viterbi(log_emit, state_unit, stay, nxt, skip):
         path[t] = s
         s -= back[t, s]
     return path, score
+
+
+# --------------------------------------------------------------------------- pruned, checkpointed lattices
+# Long recordings (tens of thousands of states, hundreds of thousands of frames): the lattice is restricted
+# to one window of states [lo_t, hi_t] per frame, found by the forward pass -- states that cannot reach the
+# end in the frames left are never entered (exact), and with a finite ``beam`` states whose scaled forward
+# probability is below exp(-beam) times the frame's best are dropped (Kaldi's --beam). Forward-backward then
+# is exact on that restricted lattice (rows of gamma sum to 1, xi consistent, EM stays monotone for it) and
+# identical to :func:`forward_backward` when the windows hold every state with a path. Forward values are
+# kept only every ``every`` frames (checkpoints) and each segment is recomputed on the way back, so the
+# working set is O(T + (T / every + every) * width + T U) instead of O(T S); occupancy is summed per unit on
+# the fly (no T x S gamma). Status codes: 0 ok; 1 no path inside the windows (none at all when beam = inf);
+# 2 numerical underflow / overflow (redo in the log domain).
+
+
+@njit(cache=True, nogil=True)
+def end_distance(nxt, skip):
+    """Fewest transitions from each state to the last one, int64 (S,) (a large number where it is unreachable)."""
+    S = nxt.shape[0]
+    big = np.int64(1) << 60
+    d = np.full(S, big, np.int64)
+    if S == 0:
+        return d
+    d[S - 1] = 0
+    for s in range(S - 2, -1, -1):
+        best = big
+        if nxt[s] > 0.0 and d[s + 1] < big:
+            best = d[s + 1] + 1
+        if s + 2 < S and skip[s] > 0.0 and d[s + 2] < big and d[s + 2] + 1 < best:
+            best = d[s + 2] + 1
+        d[s] = best
+    return d
+
+
+@njit(cache=True, nogil=True)
+def _grow(buf, need):
+    if need <= buf.shape[0]:
+        return buf
+    new = np.empty(max(need, 2 * buf.shape[0]), buf.dtype)
+    new[:buf.shape[0]] = buf
+    return new
+
+
+@njit(cache=True, nogil=True)
+def forward_backward_pruned(P, state_unit, stay, nxt, skip, n_units, beam, every, path):
+    """Forward-backward on linear emissions over a pruned, checkpointed lattice; per-unit occupancy.
+
+    Parameters
+    ----------
+    P : float64 (T, U) IN   emission likelihood of each frame under each unit, on any per-frame scale (the
+        caller keeps it: log P(X) = loglik + sum_t log scale_t), >= 0. E.g. ``mixture_likelihoods`` output.
+    state_unit : int64 (S,) IN; stay, nxt, skip : float64 (S,) IN   as in :func:`forward_backward`.
+    n_units : int   U, columns of the occupancy (>= max(state_unit) + 1).
+    beam : float    pruning beam in nats of scaled forward probability (``inf``: no pruning, exact).
+    every : int     checkpoint interval in frames; >= T keeps every frame's forward values (no
+        recomputation), <= 0 picks ceil(sqrt(T)) when T * S > 2**22 and T otherwise.
+    path : int64 (T,) or (0,) IN   a state path (e.g. Viterbi's) whose posterior is returned per frame.
+
+    Returns
+    -------
+    occ : float64 (T, U)   ``occ[t, u] = sum_{s: unit(s) = u} gamma[t, s]`` (0 outside the windows).
+    loglik : float         log P(X) on the lattice relative to the caller's scale (-inf unless status 0).
+    xi : float64 (S, 3)    expected transition counts s->s, s->s+1, s->s+2.
+    status : int           0 ok, 1 no path inside the windows, 2 numerical under/overflow.
+    post_path : float64 (T,)   gamma[t, path[t]] (zeros when ``path`` is empty or status != 0).
+    info : float64 (3,)    bytes of every array this call allocated (the working set), widest window, mean
+        window width (states).
+    """
+    T = P.shape[0]
+    S = state_unit.shape[0]
+    U = n_units
+    occ = np.zeros((T, U))
+    xi = np.zeros((S, 3))
+    pp = np.zeros(T)
+    info = np.zeros(3)
+    if T == 0 or S == 0:
+        return occ, -np.inf, xi, 1, pp, info
+    L = every
+    if L <= 0:
+        L = T if T * S <= (1 << 22) else int(np.ceil(np.sqrt(T)))
+    L = min(L, T)
+    n_seg = (T + L - 1) // L
+    dend = end_distance(nxt, skip)
+    thr_rel = np.exp(-beam) if beam < np.inf else 0.0
+    lo = np.empty(T, np.int64)
+    hi = np.empty(T, np.int64)
+    em = np.empty(T)  # per-frame emission normaliser m_t (max over the candidate states)
+    sc = np.empty(T)  # c_t: sum of the window's scaled forward values
+    prev = np.zeros(S)
+    cur = np.zeros(S)
+    ck_ptr = np.zeros(n_seg + 1, np.int64)
+    ck = np.empty(max(16, S), np.float64)
+    single = n_seg == 1
+    seg = np.empty(16, np.float64)  # forward values of the segment being walked back (flattened windows)
+    seg_ptr = np.zeros(L + 1, np.int64)
+    # ---- forward with pruning
+    if dend[0] > T - 1:
+        return occ, -np.inf, xi, 1, pp, info
+    e0 = P[0, state_unit[0]]
+    if not (e0 > 0.0) or e0 == np.inf:
+        return occ, -np.inf, xi, (1 if e0 == 0.0 else 2), pp, info
+    lo[0] = 0
+    hi[0] = 0
+    em[0] = e0
+    sc[0] = 1.0
+    prev[0] = 1.0
+    loglik = np.log(e0)
+    wsum = 1.0
+    wmax = 1
+    for t in range(T):
+        if t > 0:
+            plo = lo[t - 1]
+            phi = hi[t - 1]
+            chi = min(phi + 2, S - 1)
+            left = T - 1 - t
+            m = 0.0
+            for s in range(plo, chi + 1):
+                p = 0.0
+                if s <= phi:
+                    p = stay[s] * prev[s]
+                if s - 1 >= plo and s - 1 <= phi:
+                    p += nxt[s - 1] * prev[s - 1]
+                if s - 2 >= plo:
+                    p += skip[s - 2] * prev[s - 2]
+                cur[s] = p
+                if p > 0.0:
+                    e = P[t, state_unit[s]]
+                    if e > m:
+                        m = e
+            if m != m or m == np.inf:
+                return occ, -np.inf, xi, 2, pp, info
+            if not (m > 0.0):
+                return occ, -np.inf, xi, 1, pp, info
+            inv = 1.0 / m
+            amax = 0.0
+            for s in range(plo, chi + 1):
+                p = cur[s]
+                a = p * (P[t, state_unit[s]] * inv) if p > 0.0 else 0.0
+                cur[s] = a
+                if a > amax:
+                    amax = a
+            if not (amax > 0.0):
+                return occ, -np.inf, xi, 2, pp, info
+            # the beam is relative to the best state, even one that can no longer reach the end in time
+            # (then the kept ones may die out: no path inside the beam); only those that can are kept
+            thr = amax * thr_rel
+            nlo = plo
+            while nlo <= chi and not (cur[nlo] > 0.0 and cur[nlo] >= thr and dend[nlo] <= left):
+                nlo += 1
+            if nlo > chi:
+                return occ, -np.inf, xi, 1, pp, info
+            nhi = chi
+            while not (cur[nhi] > 0.0 and cur[nhi] >= thr and dend[nhi] <= left):
+                nhi -= 1
+            c = 0.0
+            for s in range(nlo, nhi + 1):
+                if dend[s] > left:
+                    cur[s] = 0.0
+                c += cur[s]
+            ic = 1.0 / c
+            for s in range(nlo, nhi + 1):
+                prev[s] = cur[s] * ic
+            lo[t] = nlo
+            hi[t] = nhi
+            em[t] = m
+            sc[t] = c
+            loglik += np.log(m) + np.log(c)
+            w = nhi - nlo + 1
+            wsum += w
+            if w > wmax:
+                wmax = w
+        w = hi[t] - lo[t] + 1
+        if t % L == 0:  # checkpoint
+            k = t // L
+            ck = _grow(ck, ck_ptr[k] + w)
+            for s in range(lo[t], hi[t] + 1):
+                ck[ck_ptr[k] + s - lo[t]] = prev[s]
+            ck_ptr[k + 1] = ck_ptr[k] + w
+        if single:
+            seg = _grow(seg, seg_ptr[t] + w)
+            for s in range(lo[t], hi[t] + 1):
+                seg[seg_ptr[t] + s - lo[t]] = prev[s]
+            seg_ptr[t + 1] = seg_ptr[t] + w
+    if lo[T - 1] > S - 1 or hi[T - 1] < S - 1:
+        return occ, -np.inf, xi, 1, pp, info
+    a_end = prev[S - 1]
+    if not (a_end > 0.0):
+        return occ, -np.inf, xi, 2, pp, info
+    loglik += np.log(a_end)
+    # ---- backward, segment by segment from the end; beta of frame t + 1 in bn over [lo[t+1], hi[t+1]]
+    bn = np.zeros(S)
+    bc = np.zeros(S)
+    wv = np.zeros(S)
+    has_path = path.shape[0] == T
+    for k in range(n_seg - 1, -1, -1):
+        a = k * L
+        b = min(T, a + L)
+        if not single:  # recompute the segment's forward values from its checkpoint, same windows and scales
+            seg_ptr[0] = 0
+            w0 = hi[a] - lo[a] + 1
+            seg = _grow(seg, w0)
+            for q in range(w0):
+                seg[q] = ck[ck_ptr[k] + q]
+            seg_ptr[1] = w0
+            for t in range(a + 1, b):
+                plo = lo[t - 1]
+                phi = hi[t - 1]
+                o0 = seg_ptr[t - 1 - a]
+                o1 = seg_ptr[t - a]
+                w = hi[t] - lo[t] + 1
+                seg = _grow(seg, o1 + w)
+                inv = 1.0 / em[t]
+                ic = 1.0 / sc[t]
+                left = T - 1 - t
+                for s in range(lo[t], hi[t] + 1):
+                    p = 0.0
+                    if dend[s] > left:
+                        pass
+                    elif s >= plo and s <= phi:
+                        p = stay[s] * seg[o0 + s - plo]
+                    if dend[s] <= left and s - 1 >= plo and s - 1 <= phi:
+                        p += nxt[s - 1] * seg[o0 + s - 1 - plo]
+                    if dend[s] <= left and s - 2 >= plo and s - 2 <= phi:
+                        p += skip[s - 2] * seg[o0 + s - 2 - plo]
+                    v = p * (P[t, state_unit[s]] * inv) if p > 0.0 else 0.0
+                    seg[o1 + s - lo[t]] = v * ic
+                seg_ptr[t - a + 1] = o1 + w
+        for t in range(b - 1, a - 1, -1):
+            off = seg_ptr[t - a] if not single else seg_ptr[t]
+            tlo = lo[t]
+            thi = hi[t]
+            if t == T - 1:
+                for s in range(tlo, thi + 1):
+                    bc[s] = 0.0
+                bc[S - 1] = 1.0 / a_end
+            else:
+                nlo = lo[t + 1]
+                nhi = hi[t + 1]
+                inv = 1.0 / (em[t + 1] * sc[t + 1])
+                for r in range(nlo, nhi + 1):
+                    bb = bn[r]
+                    wv[r] = bb * P[t + 1, state_unit[r]] * inv if bb != 0.0 else 0.0
+                for s in range(tlo, thi + 1):
+                    x0 = stay[s] * wv[s] if s >= nlo and s <= nhi else 0.0
+                    x1 = nxt[s] * wv[s + 1] if s + 1 >= nlo and s + 1 <= nhi else 0.0
+                    x2 = skip[s] * wv[s + 2] if s + 2 >= nlo and s + 2 <= nhi else 0.0
+                    bs = x0 + x1 + x2
+                    if bs == np.inf or bs != bs:
+                        return np.zeros((T, U)), -np.inf, np.zeros((S, 3)), 2, np.zeros(T), info
+                    al = seg[off + s - tlo]
+                    xi[s, 0] += al * x0
+                    xi[s, 1] += al * x1
+                    xi[s, 2] += al * x2
+                    bc[s] = bs
+            for s in range(tlo, thi + 1):
+                gm = seg[off + s - tlo] * bc[s]
+                occ[t, state_unit[s]] += gm
+                if has_path and path[t] == s:
+                    pp[t] = gm
+            tmp = bn
+            bn = bc
+            bc = tmp
+    info[0] = (occ.size + xi.size + pp.size + em.size + sc.size + prev.size + cur.size + ck.size + seg.size
+               + bn.size + bc.size + wv.size) * 8.0 + (lo.size + hi.size + dend.size + ck_ptr.size
+                                                      + seg_ptr.size) * 8.0 + info.size * 8.0
+    info[1] = wmax
+    info[2] = wsum / T
+    return occ, loglik, xi, 0, pp, info
+
+
+@njit(cache=True, nogil=True)
+def viterbi_pruned(log_emit, state_unit, stay, nxt, skip, beam):
+    """Best path (as :func:`viterbi`, same tie rule) over a pruned lattice: per frame only the states within
+    ``beam`` nats of the frame's best partial score that can still reach the end; backpointers are kept
+    for those windows only (one byte per state-frame in them).
+
+    Parameters as :func:`viterbi`, plus beam : float (``inf``: exact, identical to :func:`viterbi`).
+
+    Returns path int64 (T,) (-1 when none), score float (-inf when none), status int (0 ok, 1 no path inside
+    the beam), info float64 (3,) (bytes allocated, widest window, mean window width).
+    """
+    T = log_emit.shape[0]
+    S = state_unit.shape[0]
+    path = np.full(T, -1, np.int64)
+    info = np.zeros(3)
+    if T == 0 or S == 0:
+        return path, -np.inf, 1, info
+    lstay, lnxt, lskip = _log_transitions(stay, nxt, skip)
+    dend = end_distance(nxt, skip)
+    lo = np.empty(T, np.int64)
+    hi = np.empty(T, np.int64)
+    ptr = np.zeros(T + 1, np.int64)
+    back = np.empty(max(16, S), np.int8)
+    prev = np.full(S, -np.inf)
+    cur = np.full(S, -np.inf)
+    v0 = log_emit[0, state_unit[0]]
+    if dend[0] > T - 1 or not (v0 > -np.inf) or v0 != v0:
+        return path, -np.inf, 1, info
+    prev[0] = v0
+    lo[0] = 0
+    hi[0] = 0
+    back[0] = 0
+    ptr[1] = 1
+    wsum = 1.0
+    wmax = 1
+    for t in range(1, T):
+        plo = lo[t - 1]
+        phi = hi[t - 1]
+        chi = min(phi + 2, S - 1)
+        left = T - 1 - t
+        best_all = -np.inf
+        back = _grow(back, ptr[t] + chi - plo + 1)
+        for s in range(plo, chi + 1):
+            best = -np.inf
+            arg = 0
+            if s <= phi:
+                best = prev[s] + lstay[s]
+            if s - 1 >= plo and s - 1 <= phi:
+                v = prev[s - 1] + lnxt[s - 1]
+                if v > best:
+                    best = v
+                    arg = 1
+            if s - 2 >= plo:
+                v = prev[s - 2] + lskip[s - 2]
+                if v > best:
+                    best = v
+                    arg = 2
+            best += log_emit[t, state_unit[s]]
+            if best != best:
+                best = -np.inf
+            cur[s] = best
+            back[ptr[t] + s - plo] = arg
+            if best > best_all:
+                best_all = best
+        if not (best_all > -np.inf):
+            return np.full(T, -1, np.int64), -np.inf, 1, info
+        thr = best_all - beam  # relative to the best partial path, even one that can no longer finish
+        nlo = plo
+        while nlo <= chi and not (cur[nlo] > -np.inf and cur[nlo] >= thr and dend[nlo] <= left):
+            nlo += 1
+        if nlo > chi:
+            return np.full(T, -1, np.int64), -np.inf, 1, info
+        nhi = chi
+        while not (cur[nhi] > -np.inf and cur[nhi] >= thr and dend[nhi] <= left):
+            nhi -= 1
+        for s in range(nlo, nhi + 1):
+            if dend[s] > left:
+                cur[s] = -np.inf
+        # keep the window's backpointers only: shift them to the start of this frame's slot
+        w = nhi - nlo + 1
+        d = nlo - plo
+        if d > 0:
+            for q in range(w):
+                back[ptr[t] + q] = back[ptr[t] + d + q]
+        ptr[t + 1] = ptr[t] + w
+        for s in range(plo, nlo):
+            prev[s] = -np.inf
+        for s in range(nlo, nhi + 1):
+            prev[s] = cur[s]
+        for s in range(nhi + 1, chi + 1):
+            prev[s] = -np.inf
+        lo[t] = nlo
+        hi[t] = nhi
+        wsum += w
+        if w > wmax:
+            wmax = w
+    if lo[T - 1] > S - 1 or hi[T - 1] < S - 1:
+        return path, -np.inf, 1, info
+    score = prev[S - 1]
+    if not (score > -np.inf):
+        return path, -np.inf, 1, info
+    s = S - 1
+    for t in range(T - 1, -1, -1):
+        path[t] = s
+        s -= back[ptr[t] + s - lo[t]]
+    info[0] = (path.size + lstay.size + lnxt.size + lskip.size + dend.size + lo.size + hi.size + ptr.size
+               + prev.size + cur.size + info.size) * 8.0 + back.size
+    info[1] = wmax
+    info[2] = wsum / T
+    return path, score, 0, info

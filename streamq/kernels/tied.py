@@ -6,6 +6,9 @@ log-densities (direct ``(x - mu)^2 / var`` form in float64: no cancellation on u
 :func:`frame_normalise` subtracts each frame's best so nothing underflows, :func:`mixture_likelihoods`
 forms the per-unit mixtures, and :func:`occupancy_by_unit` / :func:`mixture_counts` turn the lattice
 posteriors (:mod:`streamq.kernels.lattice`) into the M-step statistics of the tied weights.
+:func:`sparse_frame_normalise`, :func:`sparse_mixture_likelihoods` and :func:`sparse_mixture_counts` are the
+same with each frame's top-n components only (Gaussian selection, :mod:`streamq.selection`), computed once
+and reused by every EM iteration: O(T n U) per iteration instead of O(T K U).
 
 All kernels are pure (arrays in, arrays out), compiled with ``cache=True`` and never read module globals.
 """
@@ -15,7 +18,8 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
-__all__ = ["diag_gauss_loglik", "frame_normalise", "occupancy_by_unit", "mixture_likelihoods", "mixture_counts"]
+__all__ = ["diag_gauss_loglik", "frame_normalise", "occupancy_by_unit", "mixture_likelihoods", "mixture_counts",
+           "sparse_frame_normalise", "sparse_mixture_likelihoods", "sparse_mixture_counts"]
 
 # Linear-domain kernels on finite data may reassociate sums (vectorised reductions); never
 # 'nnan'/'ninf' (a frame far from every Gaussian is a legitimate, huge negative number).
@@ -135,4 +139,108 @@ def mixture_counts(Gx, occ, P, W):
     for u in range(U):
         for k in range(K):
             acc[u, k] *= W[u, k]
+    return acc
+
+
+# --------------------------------------------------------------------------- sparse (Gaussian-selected) emissions
+# A frame's emissions as a short list: the components idx[t, :n] (-1 = empty slot) and their log-likelihoods
+# relative to the frame's best one, rel[t, j] = log N_k(x_t) - shift[t] <= 0 (``shift`` kept by the caller).
+# Component ids index the rows of a transposed weight matrix Wt (C, U): the full K or a per-utterance compact
+# numbering (the components the utterance's lists use). Per-iteration cost O(T n U), nothing proportional to K.
+
+
+@njit(cache=True, nogil=True)
+def sparse_frame_normalise(ll):
+    """Split listed log-likelihoods into a per-frame shift and relative values.
+
+    ll : float64 (T, n) IN   log-likelihoods of each frame's listed components (-inf in empty slots).
+    Returns rel : float32 (T, n) ``ll - shift`` (<= 0, -inf stays -inf) and shift : float64 (T,) the row
+    maxima (-inf for a row with no finite entry; its rel is all -inf).
+    """
+    T, n = ll.shape
+    rel = np.empty((T, n), np.float32)
+    shift = np.empty(T)
+    for t in range(T):
+        m = -np.inf
+        for j in range(n):
+            if ll[t, j] > m:
+                m = ll[t, j]
+        shift[t] = m
+        for j in range(n):
+            if m > -np.inf:
+                rel[t, j] = np.float32(ll[t, j] - m)
+            else:
+                rel[t, j] = -np.inf
+    return rel, shift
+
+
+@njit(cache=True, nogil=True, fastmath=_LINEAR_FASTMATH)
+def sparse_mixture_likelihoods(idx, rel, Wt):
+    """Per-unit mixture likelihoods from each frame's listed components.
+
+    idx : int32 (T, n) IN   component of each slot, a row of ``Wt``; -1 = empty slot (ignored).
+    rel : float32 or float64 (T, n) IN   log-likelihood of the slot's component relative to the frame's
+        shift (``sparse_frame_normalise``).
+    Wt : float64 (C, U) IN   weights, transposed: Wt[k, u] = weight of component k in unit u.
+    Returns P : float64 (T, U) OUT, ``P[t, u] = sum_j Wt[idx[t, j], u] exp(rel[t, j])``; the unit's
+    log-emission is ``shift[t] + log P[t, u]``. With every component listed (n = K, idx a permutation) this is
+    :func:`mixture_likelihoods` of the dense ``Gx``.
+    """
+    T, n = idx.shape
+    U = Wt.shape[1]
+    P = np.zeros((T, U))
+    for t in range(T):
+        for j in range(n):
+            k = idx[t, j]
+            if k < 0:
+                continue
+            e = np.exp(np.float64(rel[t, j]))
+            if e == 0.0:
+                continue
+            row = Wt[k]
+            for u in range(U):
+                P[t, u] += e * row[u]
+    return P
+
+
+@njit(cache=True, nogil=True, fastmath=_LINEAR_FASTMATH)
+def sparse_mixture_counts(idx, rel, occ, P, Wt):
+    """Expected component counts per unit, accumulated only at the listed components.
+
+    ``counts[k, u] = sum_t sum_{j: idx[t, j] = k} occ[t, u] Wt[k, u] exp(rel[t, j]) / P[t, u]``: the unit's
+    occupancy times the component's posterior within the unit's (listed) mixture; the sparse
+    :func:`mixture_counts`, transposed.
+
+    idx, rel : (T, n) IN as in :func:`sparse_mixture_likelihoods`; occ : float64 (T, U) IN state occupancy
+    summed per unit; P : float64 (T, U) IN from :func:`sparse_mixture_likelihoods`; Wt : float64 (C, U) IN.
+    Returns counts : float64 (C, U) OUT (frames with ``occ == 0`` or ``P == 0`` contribute nothing; only the
+    units a frame occupies are visited).
+    """
+    T, n = idx.shape
+    C, U = Wt.shape
+    acc = np.zeros((C, U))
+    r = np.empty(U)
+    nz = np.empty(U, np.int64)
+    for t in range(T):
+        m = 0
+        for u in range(U):
+            o = occ[t, u]
+            if o > 0.0 and P[t, u] > 0.0:
+                r[m] = o / P[t, u]
+                nz[m] = u
+                m += 1
+        if m == 0:
+            continue
+        for j in range(n):
+            k = idx[t, j]
+            if k < 0:
+                continue
+            e = np.exp(np.float64(rel[t, j]))
+            if e == 0.0:
+                continue
+            for q in range(m):
+                acc[k, nz[q]] += e * r[q]
+    for k in range(C):
+        for u in range(U):
+            acc[k, u] *= Wt[k, u]
     return acc
