@@ -482,73 +482,79 @@ def utterance_groups(lengths, indices, max_part: int = PART_FRAMES, min_parts: i
     return groups
 
 
-class _AlignerView:
-    """The per-utterance part of :class:`streamq.align.Aligner` (its own methods) over shipped state:
-    ``shared`` (the Gaussians, unit weights, pause probability, inventory) and ``local`` (the group's chains,
-    self-loops and ids)."""
+# Aligner attributes that stay on the client: the corpus and client, per-utterance state (shipped per group),
+# caches and locks (rebuilt on the worker), and what the client alone records.
+_ALIGNER_LOCAL = {"client", "corpus_", "model", "chains_", "self_loops_", "_cache", "_cache_budget", "_cache_lock",
+                  "_select_lock", "_fail_reasons", "lattice_stats_", "traces_", "history_", "unaligned_"}
 
-    def __init__(self, shared, local):
-        from .artifacts import Gaussians
 
-        self.gaussians_ = Gaussians(shared["weights"], shared["means"], shared["variances"])
-        self.unit_weights_ = shared["unit_weights"]
-        self.pause_prob = shared["pause_prob"]
-        self.inventory_ = shared.get("inventory")
-        self.chains_, self.self_loops_ = local["chains"], local["loops"]
-        self._cache, self._cache_budget = {}, 0.0
-        self.corpus_ = SimpleNamespace(ids=local.get("ids", {}))
+def _aligner_on_worker(shared, local):
+    """An :class:`streamq.align.Aligner` rebuilt on a worker from the fitted state ``shared`` and one
+    group's chains, self-loops and ids (``local``): the estimator's own per-utterance methods run on it."""
+    from .align import Aligner
 
-    @classmethod
-    def bind(cls):
-        from .align import Aligner
-
-        for name in ("_frame_gauss", "_emissions", "_e_step", "_decode"):
-            setattr(cls, name, getattr(Aligner, name))
+    al = Aligner.__new__(Aligner)
+    al.__dict__.update(shared)
+    al.client, al.model = None, None
+    al.chains_, al.self_loops_ = local["chains"], local["loops"]
+    al._cache, al._cache_budget = {}, 0.0
+    al._cache_lock, al._select_lock = threading.Lock(), threading.Lock()
+    al._fail_reasons, al.lattice_stats_ = {}, {}
+    al.corpus_ = SimpleNamespace(ids=local.get("ids", {}))
+    return al
 
 
 def _align_part(url, n_frames, idx, shared, local, budget):
-    """EM statistics of utterances ``idx``: (acc (n_units, K), loglik, frames, fallbacks, aligned, loops)."""
-    _AlignerView.bind()
+    """EM statistics of utterances ``idx``: (acc (n_units, K), loglik, frames, fallbacks, aligned, loops,
+    failure reasons, [lattice stats])."""
     corpus = _open_utterances(url, n_frames)
-    view = _AlignerView(shared, local)
-    acc = np.zeros(shared["unit_weights"].shape)
+    al = _aligner_on_worker(shared, local)
+    acc = np.zeros(np.shape(al.unit_weights_))
     total, frames, fallbacks, aligned, loops = 0.0, 0, 0, 0, {}
     with _task_threads(budget):
         for blk in corpus.iter_blocks(idx):
             for i, X in blk:
-                i, ll, units, counts, loop, used_log = view._e_step(i, X)
+                i, ll, rows, counts, loop, used_log = al._e_step(i, X)
                 fallbacks += used_log
-                if units is None:
+                if rows is None:
                     continue
                 aligned += 1
                 total += ll
                 frames += int(corpus.lengths[i])
-                acc[units] += counts
+                acc[rows] += counts
                 loops[i] = loop
-    return acc, total, frames, fallbacks, aligned, loops
+    return acc, total, frames, fallbacks, aligned, loops, dict(al._fail_reasons), [dict(al.lattice_stats_)]
 
 
-def _align_shared(client, aligner, inventory=False):
-    g = aligner.gaussians_
-    st = {"weights": g.weights, "means": g.means, "variances": g.variances,
-          "unit_weights": np.asarray(aligner.unit_weights_), "pause_prob": float(aligner.pause_prob)}
-    if inventory:
-        st["inventory"] = aligner.inventory_
-    return _model(client, st)
+def _align_shared(client, aligner):
+    return _model(client, {k: v for k, v in vars(aligner).items() if k not in _ALIGNER_LOCAL})
 
 
 def _align_local(aligner, idx, ids=None):
-    ch = {i: aligner.chains_[i] for i in idx}
-    loc = {"chains": ch, "loops": {i: float(aligner.self_loops_[i]) for i in idx}}
+    loc = {"chains": {i: aligner.chains_[i] for i in idx},
+           "loops": {i: float(aligner.self_loops_[i]) for i in idx}}
     if ids is not None:
         loc["ids"] = {i: ids[i] for i in idx}
     return loc
 
 
+def _merge_worker_notes(aligner, reasons, stats):
+    """Failure reasons and lattice sizes recorded on the workers, into the client's aligner."""
+    fr = getattr(aligner, "_fail_reasons", None)
+    if fr is not None:
+        fr.update(reasons)
+    ls = getattr(aligner, "lattice_stats_", None)
+    if ls is not None:
+        for st in stats:
+            for k, v in st.items():
+                ls[k] = max(ls.get(k, v), v)
+
+
 def align_statistics(client, aligner, corpus, todo, verbose: int = 0):
     """One EM iteration's statistics of :meth:`streamq.align.Aligner.fit` over the utterances ``todo``:
-    ``(acc float64 (n_units, K), loglik total, frames, log fallbacks, aligned, {i: self-loop estimate})``.
-    Returns None when the corpus is not in a store workers can open."""
+    ``(acc float64 (n_units, K), loglik total, frames, log fallbacks, aligned, {i: self-loop estimate})``;
+    failure reasons go into ``aligner._fail_reasons``. Returns None when the corpus is not in a store the
+    workers can open."""
     store = corpus.store
     if store is None:
         log.warning("align: utterances in the client's memory: EM runs in this process")
@@ -561,20 +567,21 @@ def align_statistics(client, aligner, corpus, todo, verbose: int = 0):
     parts = [client.submit(_align_part, store.url, store.n_frames, idx, shared, _align_local(aligner, idx), budget,
                            pure=False, key=f"streamq-align-{gi}-{_token()}") for gi, idx in enumerate(groups)]
     sizes = [int(sum(int(corpus.lengths[i]) for i in g)) for g in groups]
-    acc, total, frames, fallbacks, aligned, loops = _reduce_with_bar(client, parts, sizes, "align EM (dask)", verbose)
+    acc, total, frames, fallbacks, aligned, loops, reasons, stats = _reduce_with_bar(client, parts, sizes,
+                                                                                     "align EM (dask)", verbose)
+    _merge_worker_notes(aligner, reasons, stats)
     return acc, float(total), int(frames), int(fallbacks), int(aligned), loops
 
 
 def _decode_part(url, n_frames, idx, post, shared, local, budget):
-    _AlignerView.bind()
     corpus = _open_utterances(url, n_frames)
-    view = _AlignerView(shared, local)
+    al = _aligner_on_worker(shared, local)
     out = []
     with _task_threads(budget):
         for blk in corpus.iter_blocks(idx):
             for i, X in blk:
-                out.append((i, None) if view.chains_.get(i) is None else view._decode(i, X, i in post))
-    return out
+                out.append((i, None) if al.chains_.get(i) is None else al._decode(i, X, i in post))
+    return out, dict(al._fail_reasons), [dict(al.lattice_stats_)]
 
 
 def ordered_map(client, fn, arglists, window: int | None = None, key: str = "task"):
@@ -613,12 +620,13 @@ def align_decode(client, aligner, corpus, indices, posteriors=()):
     groups = utterance_groups(corpus.lengths, list(indices))
     budget = thread_budget(client)
     post = set(posteriors)
-    shared = _align_shared(client, aligner, inventory=True)
+    shared = _align_shared(client, aligner)
     args = ((store.url, store.n_frames, idx, post & set(idx), shared, _align_local(aligner, idx, corpus.ids), budget)
             for idx in groups)
 
     def gen():
-        for res in ordered_map(client, _decode_part, args, key="decode"):
+        for res, reasons, stats in ordered_map(client, _decode_part, args, key="decode"):
+            _merge_worker_notes(aligner, reasons, stats)
             yield from res
 
     return gen()
