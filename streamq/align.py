@@ -607,14 +607,16 @@ class Aligner(BaseEstimator):
             ch = self.inventory_.chain(transcript)
             if ch.n_required > len(X):
                 raise ValueError(f"more states than frames ({ch.n_required} states, {len(X)} frames)")
-            saved = (self.chains_, self.self_loops_, self._cache, self.corpus_)
+            saved = (self.chains_, self.self_loops_, self._cache, self.corpus_, getattr(self, "_fail_reasons", {}))
             try:
-                self.chains_, self._cache = [ch], {}
+                self.chains_, self._cache, self._fail_reasons = [ch], {}, {}
                 self.self_loops_ = np.array([self._init_loop(ch, len(X))])
                 self.corpus_ = as_utterances([X], [transcript])
                 i, a = self._decode(0, X, posteriors)
+                if a is None:
+                    raise ValueError(self._fail_reasons.get(0, NO_PATH))
             finally:
-                self.chains_, self.self_loops_, self._cache, self.corpus_ = saved
+                self.chains_, self.self_loops_, self._cache, self.corpus_, self._fail_reasons = saved
         if a is None:
-            raise ValueError(self.unaligned_.get(0, "no finite path"))
+            raise ValueError(self.unaligned_.get(0) or self._fail_reasons.get(0, NO_PATH))
         return a
