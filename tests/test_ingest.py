@@ -316,3 +316,32 @@ def test_bad_clips_get_reasons_that_name_the_cause(tmp_path, speech_dir):
     assert re.search(r"head.mp3: (cannot decode audio \(damaged or truncated MP3|truncated: decoded 0\.)",
                      reasons["head"])
     assert FrameStore.open(tmp_path / "st").ids == ["common_voice_en_0000", "common_voice_en_0001"]
+
+
+def test_ingest_to_a_url_is_refused_before_any_work(cv):
+    with pytest.raises(StoreError, match=r"s3://bucket/st.zarr: .*ingest locally, then copy"):
+        ingest(cv, "s3://bucket/st.zarr", quiet=True)
+
+
+def test_forked_pool_resumes_a_partial_store_and_stops_cleanly_when_strict(big_cv, tmp_path):
+    """jobs=2 on a store holding a prefix ends identical to jobs=1 from nothing; on a new store the pool that
+    started before the store existed is stopped when a strict ingest fails (no worker left behind)."""
+    import multiprocessing
+
+    ingest(big_cv, tmp_path / "ref", jobs=1, quiet=True, chunk_frames=128)
+    head = FrameStore.open(tmp_path / "ref")
+    st = FrameStore.create(tmp_path / "p", 13, feature_config=head.feature_config, chunk_frames=128)
+    with st.writer_lock():
+        st.append([{"id": head.ids[i], "frames": head.utterance(i)[0], "transcript": head.transcripts[i],
+                    "speaker": head.speakers[i], "path": head.paths[i], "duration": float(head.durations[i])}
+                   for i in range(10)])
+    s = ingest(big_cv, tmp_path / "p", jobs=2, quiet=True)
+    assert s["skipped_existing"] == 10 and s["added"] == 38
+    _assert_same_store(tmp_path / "p", tmp_path / "ref")
+    bad = tmp_path / "bad.tsv"
+    bad.write_text(f"path\tsentence\n{big_cv}/clips/common_voice_en_0000.mp3\ta\n{tmp_path}/missing.mp3\tb\n"
+                   + "".join(f"{big_cv}/clips/common_voice_en_0001_{r}.mp3\tc\n" for r in range(6)))
+    before = set(multiprocessing.active_children())
+    with pytest.raises(Exception, match="missing.mp3: file missing"):
+        ingest(bad, tmp_path / "strict", jobs=2, quiet=True, strict=True)
+    assert set(multiprocessing.active_children()) <= before

@@ -492,3 +492,31 @@ def test_utterance_source_validation(rng, bad, match):
         UtteranceSource.from_arrays(a, ["x"])
     with pytest.raises(StoreError, match="ids: 'q' is used more than once"):
         UtteranceSource.from_arrays(a, ["x", "y"], ids=["q", "q"])
+
+
+def test_urls_are_recognised_read_only_and_configured_from_the_environment(tmp_path, monkeypatch):
+    from streamq.store import is_url, storage_options
+
+    assert is_url("s3://bucket/store.zarr") and is_url("gs://b/s") and is_url("s3a://b/s")
+    assert not any(is_url(x) for x in ("store.zarr", "/abs/store", "file:///tmp/s", "C://x", tmp_path, "a:b"))
+    for write in (lambda: FrameStore.create("s3://bucket/new.zarr", 13), lambda: FrameStore.open("s3://b/s", "a")):
+        with pytest.raises(StoreError, match=r"s3://.*ingest locally, then copy the finished store"):
+            write()
+    monkeypatch.delenv("AWS_ENDPOINT_URL_S3", raising=False)
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9000")
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "eu-west-1")
+    assert storage_options("s3://b/s") == {"client_kwargs": {"endpoint_url": "http://127.0.0.1:9000",
+                                                             "region_name": "eu-west-1"}}
+    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", "http://minio:9000")
+    assert storage_options("s3://b/s")["client_kwargs"]["endpoint_url"] == "http://minio:9000"
+    assert storage_options("gs://b/s") == {}
+
+
+def test_sources_opened_from_paths_know_where_they_live(store, tmp_path, rng):
+    from streamq.distributed import source_url
+
+    s, _ = store
+    assert source_url(FrameStore.open(s.path)) == str(s.path)
+    np.save(tmp_path / "x.npy", rng.normal(size=(50, 3)).astype(np.float32))
+    assert source_url(as_source(tmp_path / "x.npy")) == str(tmp_path / "x.npy")
+    assert source_url(as_source(np.zeros((5, 2), np.float32))) is None
