@@ -64,6 +64,8 @@ def _table(rows, columns=None, left=()) -> str:
 
     def cell(c, v, tag="td"):
         cls = ' class="l"' if c in left or (isinstance(v, str) and tag == "td" and not _numeric(v)) else ""
+        if tag == "td" and c not in left and isinstance(v, str) and _numeric(v):
+            v = float(v)  # a number read as text (alignment_analysis.csv): shown like the others
         return f"<{tag}{cls}>{_esc(_fmt(v) if tag == 'td' else v)}</{tag}>"
 
     head = "".join(cell(c, c, "th") for c in cols)
@@ -149,7 +151,7 @@ def _codebook(d: Path, tmp: Path, fps: float) -> str:
         r = recs[-1]
         cols = [c for c in ("method", "stage", "k", "step", "frames_seen", "wall_seconds", "loss", "entropy", "log_k",
                             "utilisation", "dead", "repaired", "shifted", "imbalance") if c in r]
-        parts += ["<h3>final record of history.csv</h3>", _table([r], cols, left=("method",))]
+        parts += [f"<h3>final record of {_esc(h.name)}</h3>", _table([r], cols, left=("method",))]
     counts = find_file(d, "codebook_counts.npy", "counts.npy")
     if counts is not None:
         parts += ["<h3>codeword usage (codebook_counts.npy)</h3>", _kv(usage_stats(load_npy(counts)))]
@@ -186,6 +188,12 @@ def _gmm(d: Path, tmp: Path) -> str:
     png = find_file(d, "gmm_history.png", "history.png")
     parts.append(_img(png, f"gmm/{png.name}") if png is not None else _missing("gmm/gmm_history.png"))
     return "\n".join(parts)
+
+
+# columns of alignment_analysis.csv worth a place in the page (others, like the speaker hash, are left out)
+ANALYSIS_COLUMNS = ("id", "frames", "seconds", "loglik_per_frame", "loglik_z", "silence_share", "shortest_char_s",
+                    "longest_char_s", "squeezed_words", "mean_word_confidence", "min_word_confidence", "flagged",
+                    "reasons")
 
 
 def worst_utterances(align_dir, n):
@@ -239,7 +247,8 @@ def _align(d: Path, tmp: Path, worst: int, fps: float, store_dir: Path) -> str:
     else:
         title = f"the {len(rows)} worst-scoring utterances (alignment_analysis.csv, lowest log-likelihood per frame)"
     if rows:
-        parts += [f"<h3>{_esc(title)}</h3>", _table(rows, left=("id",))]
+        shown = [c for c in ANALYSIS_COLUMNS if rows[0].get(c) is not None]
+        parts += [f"<h3>{_esc(title)}</h3>", _table(rows, shown if len(shown) > 1 else None, left=("id", "reasons"))]
     segs = None
     for k, r in enumerate(rows):
         uid = str(r["id"])

@@ -71,7 +71,7 @@ def make_run(root, analysis=True, legacy=False):
     shutil.copy(root / "gmm" / name("gmm_history.png", "history.png"), a / "plots" / "u2.png")  # a static picture, no trace
     if analysis:
         write_csv(a / "alignment_analysis.csv",
-                  [{"id": "u0", "loglik_per_frame": -50.0, "flagged": 0},
+                  [{"id": "u0", "loglik_per_frame": -50.0, "flagged": 0, "speaker": "hash" * 20},
                    {"id": "u1", "loglik_per_frame": -58.0, "flagged": 1},
                    {"id": "u2", "loglik_per_frame": -55.0, "flagged": 0},
                    {"id": "u3", "loglik_per_frame": "", "flagged": 1},
@@ -105,6 +105,7 @@ def test_report_is_self_contained_with_every_part(report, run_dir):
     worst = page[page.index("worst-scoring"):]
     assert worst.index(">u1<") < worst.index(">u4<") < worst.index(">u2<") < worst.index(">u0<")
     assert "u4: final segmentation" in page
+    assert "hash" * 20 not in page  # the analysis table keeps to the columns worth reading
     assert "u3" in page  # listed among the unaligned
     assert "codeword usage" in page and "276" in page  # sum of the counts 0..23
     assert page.count("data:image/gif") == 3  # LBG, u1 and u0 from traces; u2 its static PNG, u4 its CTM
