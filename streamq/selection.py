@@ -97,50 +97,56 @@ def default_n_search(n_groups: int, n: int = 8) -> int:
     return int(min(n_groups, max(4, -(-n // 2), -(-n_groups // 16))))
 
 
-def calibrate_n_search(sel: "Selection", n=8, target=0.98, n_samples=1000, seed=0, target_gap=0.005):
-    """Smallest number of groups g to search per frame, measured on frames sampled from the model itself.
+def calibrate_n_search(sel: "Selection", n=8, target=0.99, n_samples=None, seed=0, target_gap=0.005,
+                       frames=None):
+    """Smallest number of groups g to search per frame, measured on frames sampled from the model itself
+    or on given ``frames``.
 
-    Frames x ~ the GMM (seeded); for each, the exact float64 log-likelihoods of all K components (NumPy, in
-    blocks of 256 frames), its exact top-n, and the rank of every component's group among the
-    representatives' scores. Two curves over g = 1..G:
+    Frames: ``frames`` (float (N, D), e.g. a held-out sample of the data; a seeded subsample of at most
+    ``n_samples`` rows is used; default n_samples = 2^25 / K clipped to [2000, 8000], a constant cost) or,
+    when None, ``n_samples`` frames x ~ the GMM (seeded). For each frame, its
+    exact top max(4n, 64) components (:func:`streamq.kernels.selection.select_topn` with every group
+    searched) and the rank of each one's group among the representatives' scores. Two curves over g = 1..G:
 
     - recall(g): the fraction of the exact top-n components whose group is among the g best;
     - gap(g): the mean over frames of (exact top-n log-sum-exp - log-sum-exp of the top-n components found
-      in the g best groups), in nats; computed among each frame's exact top max(4n, 64) components, so it is
-      an upper bound.
+      in the g best groups), in nats; an upper bound (only the frame's top max(4n, 64) count as found; a
+      frame with none found counts 1000 nats).
 
-    g = the smallest value with recall(g) >= ``target`` or gap(g) <= ``target_gap`` (recall is the strict
-    criterion for small n; for larger n, components far down the top-n carry little likelihood and the gap
-    decides). Cost O(n_samples K D) (K = 16384: ~0.3 s). Returns (g, recall float64 (G,), gap float64 (G,)),
-    index g - 1 holding the value for g groups; gap is only evaluated up to the chosen g (NaN beyond).
+    g = the smallest value with recall(g) >= ``target`` or gap(g) <= ``target_gap``: recall is the strict
+    criterion when the top-n are well separated; where they are not, components far down the top-n carry
+    little likelihood and the gap decides. A miss of a frame's best component can cost many nats, and is
+    rare, so the gap needs thousands of frames to be measured. Cost O(n_samples K D) (K = 16384: 2048
+    frames, ~0.3 s on 2 idle cores). Returns (g, recall float64 (G,), gap float64 (G,)), index g - 1 holding the
+    value for g groups; gap is only evaluated up to the chosen g (NaN beyond).
     """
     K, D, G = sel.n_components, sel.dim, sel.n_groups
     n = int(min(max(1, n), K))
     M = int(min(K, max(4 * n, 64)))
+    n_samples = int(np.clip(2 ** 25 // K, 2000, 8000)) if n_samples is None else int(n_samples)
     rng = np.random.default_rng([seed, 7])
-    w = np.exp(sel.lconst + 0.5 * np.log(2.0 * np.pi / sel.prec).sum(1))  # the weights back from lconst
-    comp = rng.choice(K, size=n_samples, p=w / w.sum())
-    X = sel.means[comp] + rng.standard_normal((n_samples, D)) / np.sqrt(sel.prec[comp])
+    if frames is not None:
+        X = np.asarray(frames, np.float64)
+        if X.ndim != 2 or X.shape[1] != D or len(X) == 0 or not np.isfinite(X).all():
+            raise ValueError(f"calibration frames: expected finite (N >= 1, {D}) frames, got shape {X.shape}")
+        if len(X) > n_samples:
+            X = X[np.sort(rng.choice(len(X), int(n_samples), replace=False))]
+    else:
+        w = np.exp(sel.lconst + 0.5 * np.log(2.0 * np.pi / sel.prec).sum(1))  # the weights back from lconst
+        comp = rng.choice(K, size=int(n_samples), p=w / w.sum())
+        X = sel.means[comp] + rng.standard_normal((int(n_samples), D)) / np.sqrt(sel.prec[comp])
+    # the exact top-M of every frame: the selection kernel in its exact mode (all groups searched)
+    top, V = _ks.select_topn(np.ascontiguousarray(X), *sel.kernel_args(), M, G, numba.get_num_threads(), TILE)
     Xc = X - sel.shift
-    Z = np.hstack([Xc, Xc * Xc])
-    mc = sel.means - sel.shift
-    A = np.vstack([(mc * sel.prec).T, (-0.5 * sel.prec).T])  # (2D, K) float64
-    c = sel.lconst - 0.5 * (mc * mc * sel.prec).sum(1)
     rc, rW = _kg.gmm_precompute(sel.rep_weights, sel.rep_means, sel.rep_variances, sel.shift)
-    Vs, RKs = [], []
-    for a in range(0, n_samples, 256):
-        z = Z[a:a + 256]
-        L = c[None] + z @ A
-        top = np.argpartition(-L, M - 1, axis=1)[:, :M] if M < K else np.tile(np.arange(K), (len(z), 1))
-        V = np.take_along_axis(L, top, 1)
-        o = np.argsort(-V, axis=1, kind="stable")
-        top, V = np.take_along_axis(top, o, 1), np.take_along_axis(V, o, 1)
-        R = rc[None] + z @ rW
+    RKs = []
+    for a in range(0, len(X), 1024):
+        xc = Xc[a:a + 1024]
+        R = rc[None] + np.hstack([xc, xc * xc]) @ rW
         rank = np.empty_like(R, dtype=np.int64)
         np.put_along_axis(rank, np.argsort(-R, axis=1, kind="stable"), np.arange(G)[None, :], axis=1)
-        Vs.append(V)
-        RKs.append(np.take_along_axis(rank, sel.group_of[top].astype(np.int64), 1))  # (b, M) group ranks
-    V, RK = np.vstack(Vs), np.vstack(RKs)
+        RKs.append(np.take_along_axis(rank, sel.group_of[top[a:a + 1024]].astype(np.int64), 1))  # group ranks
+    RK = np.vstack(RKs)
     curve = np.cumsum(np.bincount(RK[:, :n].ravel(), minlength=G)) / (n * len(V))
     g_rec = min(G, int(np.searchsorted(curve, target - 1e-12)) + 1)
     E = np.exp(V - V[:, :1])
@@ -150,7 +156,7 @@ def calibrate_n_search(sel: "Selection", n=8, target=0.98, n_samples=1000, seed=
         m = RK < g
         keep = m & (np.cumsum(m, axis=1) <= n)
         with np.errstate(divide="ignore"):
-            gap[g - 1] = np.minimum(exact - np.log(np.where(keep, E, 0.0).sum(1)), 1e3).mean()  # none found: 1e3
+            gap[g - 1] = np.minimum(exact - np.log(np.where(keep, E, 0.0).sum(1)), 1e3).mean()
         if gap[g - 1] <= target_gap:
             return g, curve, gap
     return g_rec, curve, gap
@@ -188,10 +194,11 @@ def _kmeans(Y, k, rng, n_iter):
         cent[j] = Y[i]
         d2 = np.minimum(d2, np.maximum(yy - 2 * Y @ cent[j] + cent[j] @ cent[j], 0.0))
     lab = np.zeros(K, np.int64)
+    Y32 = Y.astype(np.float32)
     for _ in range(max(1, n_iter)):
-        D2 = yy[:, None] - 2.0 * (Y @ cent.T) + np.einsum("gd,gd->g", cent, cent)[None, :]
-        lab = np.argmin(D2, axis=1)
-        best = D2[np.arange(K), lab]
+        D2 = np.einsum("gd,gd->g", cent, cent).astype(np.float32)[None, :] - 2.0 * (Y32 @ cent.T.astype(np.float32))
+        lab = np.argmin(D2, axis=1)  # ||y||^2 left out: the same for every centre (float32: grouping only)
+        best = D2[np.arange(K), lab] + yy
         cnt = np.bincount(lab, minlength=k)
         for j in np.flatnonzero(cnt == 0):  # refill an empty group with the worst-fitted point of a larger one
             i = int(np.argmax(np.where(cnt[lab] > 1, best, -np.inf)))
@@ -199,9 +206,7 @@ def _kmeans(Y, k, rng, n_iter):
             lab[i] = j
             cnt[j] = 1
             best[i] = -np.inf
-        sums = np.zeros_like(cent)
-        np.add.at(sums, lab, Y)
-        cent = sums / cnt[:, None]
+        cent = np.stack([np.bincount(lab, weights=Y[:, d], minlength=k) for d in range(Y.shape[1])], 1) / cnt[:, None]
     return lab
 
 
@@ -276,15 +281,16 @@ def _prepare(group_of, G, w, m, v, dot_dtype):
                      rep_W=np.ascontiguousarray(rep_W, dt), mem_const=mem_const, mem_Wb=Wb, means=m.copy(), prec=1.0 / v, lconst=lconst)
 
 
-def _calibrated(sel, calibrate_n, target, target_gap, seed):
+def _calibrated(sel, calibrate_n, target, target_gap, seed, frames):
     if not calibrate_n:
         return dataclasses.replace(sel, n_search=default_n_search(sel.n_groups, 8))
-    g, curve, gap = calibrate_n_search(sel, calibrate_n, target, seed=seed, target_gap=target_gap)
+    g, curve, gap = calibrate_n_search(sel, calibrate_n, target, seed=seed, target_gap=target_gap, frames=frames)
     return dataclasses.replace(sel, n_search=g, recall_curve=curve, gap_curve=gap)
 
 
 def build_selection(weights, means, variances, n_groups=None, seed=0, n_iter=8, dot_dtype="float32",
-                    calibrate_n=8, target_recall=0.98, target_gap=0.005, max_size=None) -> Selection:
+                    calibrate_n=8, target_recall=0.99, target_gap=0.005, max_size=None,
+                    calibrate_X=None) -> Selection:
     """Group the K components (:func:`group_means`) and prepare the selection arrays.
 
     Parameters
@@ -298,10 +304,14 @@ def build_selection(weights, means, variances, n_groups=None, seed=0, n_iter=8, 
     dot_dtype : 'float32' or 'float64'. Dtype of the ranking dot products (the returned log-likelihoods are
         float64 either way).
     calibrate_n, target_recall, target_gap : ``n_search``, the default number of groups searched per frame,
-        is the smallest one that recovers ``target_recall`` of the exact top-``calibrate_n`` components, or
-        loses at most ``target_gap`` nats of top-``calibrate_n`` log-likelihood per frame on average, on 1000
-        frames sampled from the model (:func:`calibrate_n_search`; ``recall_curve`` and ``gap_curve`` keep
-        the curves). ``calibrate_n=0``: no calibration (:func:`default_n_search`).
+        is the smallest one that recovers ``target_recall`` of the exact top-``calibrate_n`` components of
+        2000-8000 frames sampled from the model, or loses at most ``target_gap`` nats of their top-``calibrate_n``
+        log-likelihood on average (:func:`calibrate_n_search`; ``recall_curve`` and ``gap_curve`` keep the
+        curves).
+        ``calibrate_n=0``: no calibration (:func:`default_n_search`).
+    calibrate_X : float (N, D) or None. Frames to calibrate on instead of frames sampled from the model (a
+        held-out sample of the data the selection will score: real data sits where the model is dense, so
+        this usually allows a smaller ``n_search`` than the model's own samples, which are pessimistic).
     """
     w, m, v = _check_params(weights, means, variances)
     if dot_dtype not in ("float32", "float64"):
@@ -313,11 +323,12 @@ def build_selection(weights, means, variances, n_groups=None, seed=0, n_iter=8, 
     G = min(G, K)
     group_of = group_means(m, v, G, seed=seed, n_iter=n_iter, max_size=max_size)
     G = int(group_of.max()) + 1
-    return _calibrated(_prepare(group_of, G, w, m, v, dot_dtype), calibrate_n, target_recall, target_gap, seed)
+    return _calibrated(_prepare(group_of, G, w, m, v, dot_dtype), calibrate_n, target_recall, target_gap, seed,
+                       calibrate_X)
 
 
 def refresh_selection(sel: Selection, weights, means, variances, dot_dtype=None, calibrate_n=8,
-                      target_recall=0.98, seed=0, target_gap=0.005) -> Selection:
+                      target_recall=0.99, seed=0, target_gap=0.005, calibrate_X=None) -> Selection:
     """The same grouping with representatives and kernel arrays for new parameters (O(K D), no clustering),
     re-calibrated as in :func:`build_selection` (``calibrate_n=0``: keep the old ``n_search``)."""
     w, m, v = _check_params(weights, means, variances)
@@ -327,7 +338,7 @@ def refresh_selection(sel: Selection, weights, means, variances, dot_dtype=None,
     if not calibrate_n:
         return dataclasses.replace(new, n_search=sel.n_search, recall_curve=sel.recall_curve,
                                    gap_curve=sel.gap_curve)
-    return _calibrated(new, calibrate_n, target_recall, target_gap, seed)
+    return _calibrated(new, calibrate_n, target_recall, target_gap, seed, calibrate_X)
 
 
 # ------------------------------------------------------------------ wrappers

@@ -89,9 +89,10 @@ def test_oversized_groups_are_split_and_calibration_meets_its_target(rng):
     assert sorted(sel.member_idx.tolist()) == list(range(400))
     # calibration: the recall curve is a CDF over the number of groups searched, n_search the first >= target
     c, gap, g = sel.recall_curve, sel.gap_curve, sel.n_search
-    assert c.shape == gap.shape == (sel.n_groups,) and (np.diff(c) >= 0).all() and c[-1] == pytest.approx(1.0)
-    assert c[g - 1] >= 0.98 or gap[g - 1] <= 0.005  # the first g meeting either criterion
-    assert g == 1 or (c[g - 2] < 0.98 and gap[g - 2] > 0.005)
+    assert c.shape == gap.shape == (sel.n_groups,)
+    assert (np.diff(c) >= 0).all() and c[-1] == pytest.approx(1.0)
+    ok = (c >= 0.99) | (gap <= 0.005)  # the first g meeting either criterion
+    assert ok[g - 1] and not ok[:g - 1].any()
     assert np.isnan(gap[g:]).all() and (np.diff(gap[:g]) <= 1e-12).all()  # the gap falls as g grows
     # on frames from the model the calibrated search reaches about its target
     X = sample(rng, w, mu, var, 2000)
