@@ -800,10 +800,12 @@ def animate_alignment(align_dir, utt_id, out_path, fps=3.0, dpi=72) -> str:
 
 # ------------------------------------------------------------------ a final segmentation over the MFCCs
 def read_ctm(path, ids) -> dict:
-    """Segments of the utterances ``ids`` from a CTM file (``id channel start duration label``, seconds).
+    """Segments of the utterances ``ids`` from a CTM file (``id channel start duration label [confidence]``,
+    seconds).
 
-    Returns {id: [(start, end, label), ...]} in file order; ids without a line are absent. One pass over
-    the file. ValueError naming the file and line for a malformed line of a wanted id."""
+    Returns {id: [(start, end, label), ...]} in file order (the confidence is not kept); ids without a line
+    are absent. One pass over the file. ValueError naming the file and line for a malformed line of a
+    wanted id."""
     want = {str(i) for i in ids}
     out: dict = {}
     with open(path, encoding="utf-8") as f:
@@ -812,10 +814,14 @@ def read_ctm(path, ids) -> dict:
             if not parts or parts[0] not in want:
                 continue
             try:
-                start, dur = float(parts[2]), float(parts[3])
-                label = " ".join(parts[4:])
-            except (IndexError, ValueError):
-                raise ValueError(f"{path}:{n}: expected 'id channel start duration label', got {line.strip()!r}") \
+                if len(parts) not in (5, 6):
+                    raise ValueError
+                start, dur, label = float(parts[2]), float(parts[3]), parts[4]
+                if len(parts) == 6:
+                    float(parts[5])
+            except ValueError:
+                raise ValueError(f"{path}:{n}: expected 'id channel start duration label [confidence]', "
+                                 f"got {line.strip()!r}") \
                     from None
             out.setdefault(parts[0], []).append((start, start + dur, label))
     return out
@@ -847,9 +853,11 @@ def plot_segmentation(frames, words, chars, out_path, frame_step=0.01, title="",
         a0.text((s + e) / 2, D - 0.7, w, color="white", ha="center", va="top", fontsize=8, clip_on=True)
     a0.set_ylabel("MFCC")
     a0.set_title(title, fontsize=9)
+    px_per_s = fig.get_figwidth() * 0.85 * dpi / max(t_end, 1e-9)  # about: the axes span most of the width
     for k, (s, e, c) in enumerate(chars):
         a1.axvspan(s, e, color=("tab:blue", "tab:orange")[k % 2], alpha=0.35, lw=0)
-        a1.text((s + e) / 2, 0.5, c, ha="center", va="center", fontsize=7, clip_on=True)
+        if (e - s) * px_per_s >= 6:  # a label only where it fits
+            a1.text((s + e) / 2, 0.5, c, ha="center", va="center", fontsize=7, clip_on=True)
     a1.set_yticks([])
     a1.set_ylabel("chars", fontsize=8)
     a1.set_xlim(0, t_end)

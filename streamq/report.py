@@ -34,7 +34,7 @@ h1{font-size:1.6em}h2{border-bottom:2px solid #ddd;padding-bottom:.2em;margin-to
 table{border-collapse:collapse;margin:.6em 0;font-size:.9em}td,th{border:1px solid #ccc;padding:.25em .6em;
 text-align:right}th{background:#f3f3f3}td.l,th.l{text-align:left}
 img{max-width:100%;border:1px solid #eee;margin:.4em 0;display:block}
-.missing{color:#a33;font-style:italic}.note{color:#666;font-size:.9em}
+.missing{color:#a33;font-style:italic}.scroll{overflow-x:auto}.note{color:#666;font-size:.9em}
 """
 
 
@@ -70,7 +70,7 @@ def _table(rows, columns=None, left=()) -> str:
 
     head = "".join(cell(c, c, "th") for c in cols)
     body = "".join("<tr>" + "".join(cell(c, r.get(c)) for c in cols) + "</tr>" for r in rows)
-    return f"<table><tr>{head}</tr>{body}</table>"
+    return f'<div class="scroll"><table><tr>{head}</tr>{body}</table></div>'
 
 
 def _numeric(s) -> bool:
@@ -191,9 +191,8 @@ def _gmm(d: Path, tmp: Path) -> str:
 
 
 # columns of alignment_analysis.csv worth a place in the page (others, like the speaker hash, are left out)
-ANALYSIS_COLUMNS = ("id", "frames", "seconds", "loglik_per_frame", "loglik_z", "silence_share", "shortest_char_s",
-                    "longest_char_s", "squeezed_words", "mean_word_confidence", "min_word_confidence", "flagged",
-                    "reasons")
+ANALYSIS_COLUMNS = ("id", "seconds", "loglik_per_frame", "loglik_z", "silence_share", "squeezed_words",
+                    "min_word_confidence", "flagged", "reasons")
 
 
 def worst_utterances(align_dir, n):

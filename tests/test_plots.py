@@ -271,11 +271,12 @@ def test_state_ticks_one_per_symbol():
 
 def test_read_ctm_and_plot_segmentation(tmp_path):
     ctm = tmp_path / "words.ctm"
-    ctm.write_text("a 1 0.00 0.20 the\nb 1 0.10 0.30 x\na 1 0.20 0.25 cat\n")
+    ctm.write_text("a 1 0.00 0.20 the 0.56\nb 1 0.10 0.30 x\na 1 0.20 0.25 cat\n")  # confidence optional
     assert plots.read_ctm(ctm, ["a", "zz"]) == {"a": [(0.0, 0.2, "the"), (0.2, 0.45, "cat")]}
-    ctm.write_text("a 1 0.00 0.20 the\na 1 oops\n")
-    with pytest.raises(ValueError, match=r"words\.ctm:2: expected 'id channel start duration label'"):
-        plots.read_ctm(ctm, ["a"])
+    for bad in ("a 1 oops", "a 1 0.1 0.2 the high", "a 1 0.1 0.2 the 0.5 extra"):
+        ctm.write_text("a 1 0.00 0.20 the\n" + bad + "\n")
+        with pytest.raises(ValueError, match=r"words\.ctm:2: expected 'id channel start duration label \[confidence\]'"):
+            plots.read_ctm(ctm, ["a"])
     X = np.random.default_rng(0).normal(size=(50, 13)).astype(np.float32)
     p = plots.plot_segmentation(X, [(0.0, 0.2, "the"), (0.2, 0.45, "cat")],
                                 [(0.05 * k, 0.05 * (k + 1), c) for k, c in enumerate("thecat")], tmp_path / "s.png")
