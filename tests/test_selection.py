@@ -117,25 +117,27 @@ def test_build_is_fast_at_16384_components():
 # ------------------------------------------------------------------ exactness
 @pytest.mark.parametrize("dot_dtype", ["float64", "float32"])
 @pytest.mark.parametrize("offset", [0.0, 1e4])
-def test_degenerate_case_equals_exact_full_loglik(rng, dot_dtype, offset):
+@pytest.mark.parametrize("K", [60, 90])  # n = K <= 64: sorted-array top-n; > 64: heap
+def test_degenerate_case_equals_exact_full_loglik(rng, dot_dtype, offset, K):
     """All groups searched and n = K: every component kept, values exact float64 (uncentred data too)."""
-    w, mu, var = random_gmm(rng, 60, 5, offset=offset)
+    w, mu, var = random_gmm(rng, K, 5, offset=offset)
     X = sample(rng, w, mu, var, 300)
     sel = S.build_selection(w, mu, var, n_groups=7, dot_dtype=dot_dtype)
-    idx, ll = S.select(X, sel, n=60, n_search=7)
-    order, vals, full = exact_top(X, w, mu, var, 60)
+    G = sel.n_groups
+    idx, ll = S.select(X, sel, n=K, n_search=G)
+    order, vals, full = exact_top(X, w, mu, var, K)
     lse = ks.selected_loglik(ll, 2)
     assert rel(lse, full) < 1e-6
-    assert rel(S.selected_score_samples(X, sel, n=60, n_search=7), full) < 1e-6
+    assert rel(S.selected_score_samples(X, sel, n=K, n_search=G), full) < 1e-6
     np.testing.assert_allclose(ll, vals, rtol=1e-9, atol=1e-9)
     if dot_dtype == "float64":
         np.testing.assert_array_equal(idx, order)
     else:  # the float32 ranking may swap near-ties, the kept set is all K and the values are sorted
-        assert (np.sort(idx, 1) == np.arange(60)).all()
+        assert (np.sort(idx, 1) == np.arange(K)).all()
         assert (np.diff(ll, axis=1) <= 0).all()
     # n >= every candidate: the slots past K stay empty
-    idx2, ll2 = ks.select_topn(np.ascontiguousarray(X), *sel.kernel_args(), 64, 7, 2, S.TILE)
-    assert (idx2[:, 60:] == -1).all() and np.isneginf(ll2[:, 60:]).all()
+    idx2, ll2 = ks.select_topn(np.ascontiguousarray(X), *sel.kernel_args(), K + 4, G, 2, S.TILE)
+    assert (idx2[:, K:] == -1).all() and np.isneginf(ll2[:, K:]).all()
     assert rel(ks.selected_loglik(ll2, 2), full) < 1e-6
 
 

@@ -8,7 +8,7 @@ of its members). Per frame x, with x' = x - shift and z = [x', x'^2] (the dot-pr
     1. score the G representatives:      r_j = rep_const_j + z . rep_W[:, j]          (G dot products)
     2. keep the g best groups (ties: lower group index first)
     3. score their members:              s_p = mem_const_p + z . W_p                 (sum of group sizes)
-    4. keep the n best members by s (a sorted array for n <= 32, else a min-heap; ties: lower id first)
+    4. keep the n best members by s (a sorted array for n <= 64, else a min-heap; ties: lower id first)
     5. re-evaluate the n kept exactly in float64 by the direct form
            log w_k N(x | mu_k, diag s2_k) = lconst_k - 1/2 sum_d (x_d - mu_kd)^2 prec_kd,
            lconst_k = log w_k - 1/2 sum_d log(2 pi s2_kd),  prec_kd = 1 / s2_kd
@@ -123,11 +123,11 @@ def _insert_sorted(hv, hi, cnt, cap, v, i):
 def _offer(vals, ids, L, hv, hi, cnt, cap):
     """Offer (vals[p], ids[p]) for p < L to the best-``cap`` set hv[:cnt], hi[:cnt]; returns the new count.
 
-    The set is a sorted array (best first) when cap <= 32, else a min-heap (worst at the root): the same cap
+    The set is a sorted array (best first) when cap <= 64, else a min-heap (worst at the root): the same cap
     must always be used with the same arrays. Blocks of 16 with no value >= the set's worst are skipped by
     one vectorisable count (most blocks once the set is full), the rest go through a one-compare reject.
     """
-    small = cap <= 32
+    small = cap <= 64
     for b in range(0, L, 16):
         e = min(b + 16, L)
         if cnt == cap:
