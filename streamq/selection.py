@@ -1,9 +1,10 @@
 """Hierarchical Gaussian selection for diagonal GMMs: the data structure, its builder and thin wrappers.
 
-A :class:`Selection` groups the K components of a diagonal GMM into G groups by clustering their means
+A :class:`Selection` groups the K components of a diagonal GMM into about G groups by clustering their means
 (seeded k-means++ then a few Lloyd iterations, in the space where each dimension is divided by the root mean
-variance, so a unit of distance is about one standard deviation of a component). Each group gets a
-representative Gaussian, the moment-matched merge of its members:
+variance, so a unit of distance is about one standard deviation of a component); groups of more than 2 K / G
+members are split (dense regions would otherwise make a few huge groups, the ones frames search most). Each
+group gets a representative Gaussian, the moment-matched merge of its members:
 
     w_j = sum_k w_k,   mu_j = sum_k a_k mu_k,   s2_j = sum_k a_k (s2_k + mu_k^2) - mu_j^2,   a_k = w_k / w_j
 
@@ -12,8 +13,14 @@ representative Gaussian, the moment-matched merge of its members:
 ``n_search`` groups, keeps the top ``n`` and re-evaluates those exactly in float64. With
 ``n_search = G`` and ``n = K`` the result is the exact full log-likelihood (same code path).
 
-The grouping (the only costly part, ~0.1-0.5 s at K = 16384) can be kept while the parameters move:
-:func:`refresh_selection` recomputes the representatives and the member arrays (O(K D)) for new parameters.
+``n_search`` is calibrated at build time (:func:`calibrate_n_search`): the smallest number of groups that
+recovers 99 % of the exact top-n of frames sampled from the model (or of given frames), or loses at most
+0.005 nats of their top-n log-likelihood on average. How many groups are needed depends on how clustered
+the means are: a few percent of G for speech-like mixtures, a quarter of G for an unstructured random one.
+
+Build cost at K = 16384, D = 13: ~0.5 s (grouping ~0.3 s, calibration ~0.2 s). The grouping can be kept
+while the parameters move: :func:`refresh_selection` recomputes the representatives and the member arrays
+(O(K D)) and re-calibrates.
 
 Layout (all plain arrays, so they can be saved, shared with workers or passed to kernels):
 
@@ -23,8 +30,9 @@ Layout (all plain arrays, so they can be saved, shared with workers or passed to
 - ``shift`` float64 (D,): centring offset (the weighted mean of the means, as in :class:`streamq.gmm.DiagGMM`).
 - kernel arrays: ``rep_const`` (G,), ``rep_W`` (2D, G); ``mem_const`` (K,) in member order and ``mem_Wb``
   (2D K,), group j's members' W columns as one row-major (2D, size_j) block at [2D member_ptr[j] : 2D
-  member_ptr[j + 1]] (dtype of ``rep_W`` / ``mem_Wb`` = ``dot_dtype``); ``means``, ``prec`` (K, D) and ``lconst`` (K,) in
-  component order for the exact float64 re-evaluation.
+  member_ptr[j + 1]] (dtype of ``rep_W`` / ``mem_Wb`` = ``dot_dtype``); ``means``, ``prec`` (K, D) and
+  ``lconst`` (K,) in component order for the exact float64 re-evaluation.
+- ``n_search`` int, ``recall_curve`` / ``gap_curve`` float64 (G,): the calibration.
 """
 
 from __future__ import annotations
