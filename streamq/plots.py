@@ -778,12 +778,14 @@ def alignment_figure(trace, title=""):
     a_mf.set_ylabel("MFCC")
     a_mf.set_xlabel("seconds (word boundaries from the final alignment)")
     sup = fig.suptitle("", fontsize=10)
+    width = int(fig.get_figwidth() * 11)  # characters that fit on one title line at 10 pt, about
+    head = "" if not title else (title if len(title) <= width else title[:width - 1] + "…") + "\n"
 
     def draw(i):
         img.set_data(np.asarray(post[i], np.float32).T)
         l_path.set_ydata(paths[i])
         l_ll.set_data(it[:i + 1], ll[:i + 1])
-        sup.set_text(f"{title}  EM iteration {i + 1} / {n_iter}, log-likelihood {ll[i]:.3f} per frame".strip())
+        sup.set_text(f"{head}EM iteration {i + 1} / {n_iter}, log-likelihood {ll[i]:.3f} per frame")
 
     draw.dynamic = [img, l_path, l_ll, sup]
     return fig, draw, n_iter

@@ -237,8 +237,8 @@ def _align(d: Path, tmp: Path, worst: int, fps: float, store_dir: Path) -> str:
             parts += [f"<h3>unaligned utterances ({len(lines)})</h3>",
                       _table([{"id": a, "reason": b[0] if b else ""} for a, *b in lines[:20]], left=("id", "reason"))]
     rows = worst_utterances(d, worst)
+    traced = sorted((d / "traces").glob("*.npz")) if (d / "traces").is_dir() else []
     if rows is None:
-        traced = sorted((d / "traces").glob("*.npz")) if (d / "traces").is_dir() else []
         rows = [{"id": p.stem} for p in traced[:max(0, worst)]]
         parts.append('<p class="note">no alignment_analysis.csv: showing the traced utterances instead of the '
                      'worst-scoring ones</p>')
@@ -269,6 +269,17 @@ def _align(d: Path, tmp: Path, worst: int, fps: float, store_dir: Path) -> str:
                       _img(png, f"segmentation of {uid}")]
         except ValueError as e:
             parts.append(f'<p class="note">{_esc(uid)}: no picture ({_esc(why)}; {_esc(e)})</p>')
+    # the EM animations of traced utterances that are not among the worst (up to as many again)
+    done = {file_safe_id(r["id"]) for r in rows}
+    extra = [p for p in traced if p.stem not in done][:max(0, worst)]
+    if extra:
+        parts.append("<h3>alignment over EM of the traced utterances (streamq align --plot N)</h3>")
+    for k, p in enumerate(extra):
+        try:
+            gif = animate_alignment(d, p.stem, tmp / f"traced_{k}.gif", fps=fps, dpi=60)
+            parts += [f"<h3>{_esc(p.stem)}: posteriors and Viterbi path over EM</h3>", _img(gif, f"alignment of {p.stem}")]
+        except ValueError as e:
+            parts.append(f'<p class="note">{_esc(p.stem)}: no picture ({_esc(e)})</p>')
     return "\n".join(parts)
 
 

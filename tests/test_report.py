@@ -157,7 +157,7 @@ def test_report_says_not_run_for_missing_parts(tmp_path):
 
 def test_report_reads_runs_with_the_older_file_names(tmp_path):
     page = open(write_report(make_run(tmp_path, legacy=True), worst=3), encoding="utf-8").read()
-    assert len(images(page)) == 7  # 4 + u1, u4, u2 and "not run" not in page and "unreadable" not in page
+    assert len(images(page)) == 8  # 4 + u1, u4, u2 + u0 (traced) and "not run" not in page and "unreadable" not in page
 
 
 def test_report_cli_prints_the_path(run_dir, tmp_path, capsys):
@@ -166,7 +166,9 @@ def test_report_cli_prints_the_path(run_dir, tmp_path, capsys):
     assert main(["report", str(tmp_path / "r"), "--worst", "1"]) == 0
     out = capsys.readouterr().out.strip()
     assert out == str(tmp_path / "r" / "report.html")
-    assert len(images(open(out, encoding="utf-8").read())) == 5
+    page = open(out, encoding="utf-8").read()
+    assert len(images(page)) == 6  # 4 + the worst (u1, traced) + u0: traced, not among the worst
+    assert "alignment over EM of the traced utterances" in page and page.count("data:image/gif") == 3
     assert main(["report", str(tmp_path / "nope")]) == 1
     assert "not a directory" in capsys.readouterr().err
 
