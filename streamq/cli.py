@@ -70,8 +70,17 @@ def cmd_info(a):
     print(f"audio          {i['hours']:.3f} h ({i['hours'] * 3600:.1f} s)")
     print(f"chunking       {i['chunks']} chunks of {i['chunk_frames']:,} frames")
     print(f"bytes on disk  {i['bytes_on_disk']:,}")
+    print(f"speakers       {i.get('speakers', 0):,}")
+    print(f"format         {i.get('format', '?')}")
     cfg = ", ".join(f"{k}={v}" for k, v in i["feature_config"].items())
     print(f"features       {cfg or '(none: array data)'}")
+
+
+def cmd_upgrade(a):
+    from .store import FrameStore
+
+    st = FrameStore.upgrade(a.store)
+    print(f"{a.store}: format {st.format_version}, {st.n_utterances:,} utterances, {st.n_frames:,} frames")
 
 
 def cmd_fit(a):
@@ -259,6 +268,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     _add_common(p)
     p.set_defaults(func=cmd_info)
+
+    p = sub.add_parser("upgrade", help="convert a store written by streamq 0.1 (format 1) in place")
+    p.add_argument("store")
+    _add_common(p)
+    p.set_defaults(func=cmd_upgrade)
 
     p = sub.add_parser("fit", help="learn a codebook (LBG, minibatch Lloyd or random sample)",
                        description="Writes OUT/codebook.npy, codebook_counts.npy, codebook_stages.npz (LBG), "

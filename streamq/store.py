@@ -446,8 +446,7 @@ class FrameStore(FrameSource):
                              "upgrade streamq")
         if fmt < FORMAT_VERSION and mode != "r":
             raise StoreError(f"{path}: store format {fmt} (streamq 0.1) opens read-only; to append, upgrade it "
-                             f"in place with: python -c \"from streamq.store import FrameStore; "
-                             f"FrameStore.upgrade('{path}')\"")
+                             f"in place with: streamq upgrade {path}")
         return cls(path, g, writable=mode != "r")
 
     @classmethod

@@ -392,9 +392,14 @@ def test_format_1_store_opens_read_only_and_upgrades(tmp_path, rng):
     np.testing.assert_array_equal(s.utterance(3)[0], utts[3]["frames"])
     np.testing.assert_array_equal(np.concatenate(list(s.iter_minibatches(64, shuffle=False))), frames)
     with pytest.raises(StoreError, match=r"store format 1 \(streamq 0.1\) opens read-only; to append, upgrade it "
-                       r"in place with: python -c .*FrameStore.upgrade\('.*old'\)"):
+                       r"in place with: streamq upgrade .*old"):
         FrameStore.open(p, mode="a")
-    up = FrameStore.upgrade(p)
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-m", "streamq.cli", "upgrade", str(p)], capture_output=True, text=True)
+    assert r.returncode == 0 and "format 2, 5 utterances" in r.stdout, r.stderr
+    up = FrameStore.open(p, mode="a")
     assert up.format_version == 2 and up.writable and not (p / ".writer.lock").exists()
     assert _commit(p) == {"n_frames": len(frames), "n_utterances": 5}
     up.append([{"id": "new", "frames": np.ones((4, 4), np.float32), "speaker": "s9"}])
