@@ -141,7 +141,8 @@ def test_degenerate_case_equals_exact_full_loglik(rng, dot_dtype, offset, K):
     assert rel(ks.selected_loglik(ll2, 2), full) < 1e-6
 
 
-@pytest.mark.parametrize("K,D,G,g,n", [(50, 3, 6, 2, 4), (120, 6, 11, 3, 8), (40, 2, 40, 5, 3), (30, 4, 1, 1, 5)])
+@pytest.mark.parametrize("K,D,G,g,n", [(50, 3, 6, 2, 4), (120, 6, 11, 3, 8), (40, 2, 40, 5, 3), (30, 4, 1, 1, 5),
+                                       (200, 3, 100, 80, 70)])  # the last: > 64 groups searched and kept: heaps
 def test_kernel_equals_plain_hierarchical_selection(rng, K, D, G, g, n):
     w, mu, var = random_gmm(rng, K, D)
     X = sample(rng, w, mu, var, 200)
