@@ -135,6 +135,22 @@ def test_animate_lbg_one_frame_per_stage(tmp_path):
     assert not list(tmp_path.glob(".*tmp*"))  # the temporary file was renamed
 
 
+def test_animate_lbg_reads_what_fit_writes(tmp_path):
+    from streamq.pipelines import run_fit
+
+    rng = np.random.default_rng(1)
+    X = (rng.normal(size=(4000, 4)) + rng.integers(0, 4, size=(4000, 1)) * 3.0).astype(np.float32)
+    np.save(tmp_path / "x.npy", X)
+    run_fit(tmp_path / "x.npy", tmp_path / "fit", n_clusters=12, verbose=0)  # 1, 2, 4, 8, 12
+    ks, stages, _ = plots.load_lbg_stages(tmp_path / "fit")
+    assert ks.tolist() == [1, 2, 4, 8, 12]
+    # the last stage is recorded before LBG's final exact Lloyd passes, so it is close to, not equal to, the result
+    assert [c.shape for c in stages] == [(k, 4) for k in ks] and stages[-1].dtype == np.float32
+    frames = gif_frames(plots.animate_lbg(tmp_path / "fit", tmp_path / "lbg.gif"))
+    assert len(frames) == 5
+    assert_lively(frames)
+
+
 @pytest.mark.parametrize("legacy", [False, True])
 def test_load_lbg_stages_names_the_bad_field(tmp_path, legacy):
     fit, written = write_lbg_fit(tmp_path / "fit", legacy=legacy)
