@@ -254,6 +254,26 @@ def test_animate_alignment_one_frame_per_iteration(tmp_path):
     assert_lively(frames)
 
 
+def test_animate_alignment_reads_what_align_writes(tmp_path):
+    from streamq.pipelines import run_align
+    from streamq.store import FrameStore
+    from test_align import TEXTS, synth_model, synth_utt
+
+    rng = np.random.default_rng(3)
+    means, var = synth_model()
+    store = FrameStore.create(tmp_path / "store", dim=means.shape[1], feature_config={"winlen": 0.025,
+                                                                                       "winstep": 0.01})
+    store.append([{"id": f"u{i}", "frames": synth_utt(t, means, rng)[0], "transcript": t} for i, t in enumerate(TEXTS)])
+    (tmp_path / "gmm").mkdir()
+    np.savez(tmp_path / "gmm" / "gmm.npz", weights=np.ones(len(means)) / len(means), means=means, variances=var)
+    run_align(tmp_path / "store", tmp_path / "gmm", tmp_path / "align", iters=4, plots=2, verbose=0)
+    tr = plots.load_trace(plots.trace_path(tmp_path / "align", "u1"))
+    assert tr["posteriors"].shape[0] == 4
+    frames = gif_frames(plots.animate_alignment(tmp_path / "align", "u1", tmp_path / "u1.gif"))
+    assert len(frames) == 4
+    assert_lively(frames)
+
+
 def test_alignment_trace_lookup_and_bad_fields(tmp_path):
     p = write_trace(tmp_path / "align", "cv_1-x", n_iter=2)
     assert plots.trace_path(tmp_path / "align", "cv_1-x") == p
