@@ -199,7 +199,8 @@ def _add_picture_parsers(sub):
         q.set_defaults(func=cmd_plot)
 
     q = psub.add_parser("lbg", help="one frame per LBG stage: codebook image, loss, entropy vs log K, utilisation")
-    q.add_argument("fit_dir", help="directory written by `streamq fit --method lbg` (stages.npz, history.csv)")
+    q.add_argument("fit_dir", help="directory written by `streamq fit --method lbg` (codebook_stages.npz, "
+                   "fit_history.csv)")
     q.add_argument("out", help="OUT.gif or OUT.mp4")
     animated(q, 2.0)
 
