@@ -183,6 +183,24 @@ def _dot_group(z, Wb, cw, p0, p1, out):
             out[p] += zj * row[p]
 
 
+@njit(cache=True)
+def _dot_group2(z1, z2, Wb, cw, p0, p1, out1, out2):
+    """:func:`_dot_group` for two frames at once (each row of the block is loaded once for both)."""
+    L = p1 - p0
+    J = z1.shape[0]
+    c = cw[p0:p1]
+    for p in range(L):
+        out1[p] = c[p]
+        out2[p] = c[p]
+    for j in range(J):
+        a1 = z1[j]
+        a2 = z2[j]
+        row = Wb[J * p0 + j * L:J * p0 + (j + 1) * L]
+        for p in range(L):
+            out1[p] += a1 * row[p]
+            out2[p] += a2 * row[p]
+
+
 @njit(cache=True, parallel=True)
 def select_topn(X, shift, rep_const, rep_W, member_ptr, member_idx, mem_const, mem_Wb, means, prec, lconst,
                 n, g, n_chunks, tile):
@@ -238,6 +256,7 @@ def select_topn(X, shift, rep_const, rep_W, member_ptr, member_idx, mem_const, m
         mcw = mem_const.astype(mem_Wb.dtype)
         rs = np.empty(G, rep_W.dtype)
         ms = np.empty(maxsize, mem_Wb.dtype)
+        ms2 = np.empty(maxsize, mem_Wb.dtype)
         gv = np.empty(gg, np.float64)
         gi = np.empty(gg, np.int64)
         tg = np.empty((T, gg), np.int64)  # groups searched by each frame of the tile
@@ -290,10 +309,19 @@ def select_topn(X, shift, rep_const, rep_W, member_ptr, member_idx, mem_const, m
                     stop = gcnt[j]
                     p0 = member_ptr[j]
                     p1 = member_ptr[j + 1]
-                    for r in range(start, stop):
+                    ids = member_idx[p0:p1]
+                    r = start
+                    while r + 1 < stop:  # frames in pairs: each block row is loaded once for two frames
+                        i1 = gfr[r]
+                        i2 = gfr[r + 1]
+                        _dot_group2(Z[i1], Z[i2], mem_Wb, mcw, p0, p1, ms, ms2)
+                        hc[i1] = _offer(ms, ids, p1 - p0, hv[i1], hi[i1], hc[i1], n)
+                        hc[i2] = _offer(ms2, ids, p1 - p0, hv[i2], hi[i2], hc[i2], n)
+                        r += 2
+                    if r < stop:
                         i = gfr[r]
                         _dot_group(Z[i], mem_Wb, mcw, p0, p1, ms)
-                        hc[i] = _offer(ms, member_idx[p0:p1], p1 - p0, hv[i], hi[i], hc[i], n)
+                        hc[i] = _offer(ms, ids, p1 - p0, hv[i], hi[i], hc[i], n)
                     start = stop
             for i in range(nb):  # exact float64 re-evaluation of the kept components, sorted
                 t = a + i
