@@ -419,3 +419,13 @@ def pruned_forward_backward(P, state_unit, stay, nxt, skip, beam):
         mask[t, lo[t]:hi[t] + 1] = True
     le[~mask] = -np.inf
     return forward_backward(le, np.arange(S), stay, nxt, skip)
+
+
+def gather_weights(W, units, comps):
+    return W[np.ix_(units, comps)].T.copy()
+
+
+def add_counts(acc, units, comps, counts):
+    out = acc.copy()
+    out[np.ix_(units, comps)] += counts.T
+    return out

@@ -30,6 +30,11 @@ def fit(model, Xs, texts, **kw):
     return Aligner(model, **kw).fit(Xs, texts)
 
 
+def test_default_is_sparse_with_the_beam():
+    p = Aligner().get_params()
+    assert (p["gselect"], p["beam"], p["retry_beam"]) == (16, align_mod.DEFAULT_BEAM, align_mod.DEFAULT_RETRY_BEAM)
+
+
 def test_params_are_explicit_and_clone():
     al = Aligner({"weights": np.ones(2), "means": np.zeros((2, 3)), "variances": np.ones((2, 3))}, gselect=8,
                  beam=50.0, retry_beam=None)
@@ -44,7 +49,7 @@ def test_params_are_explicit_and_clone():
 def test_sparse_with_every_gaussian_gives_the_dense_posteriors(small, beam):
     """gselect = K: the cached sparse lists hold every Gaussian; EM and the posteriors are the dense ones."""
     Xs, texts, _, model = small
-    dense = fit(model, Xs, texts, beam=beam, trace=(0, 3))
+    dense = fit(model, Xs, texts, beam=beam, trace=(0, 3), gselect=None)
     sparse = fit(model, Xs, texts, beam=beam, gselect=12, trace=(0, 3))
     assert sparse._selection is not None and dense._selection is None
     np.testing.assert_allclose([h["loglik"] for h in sparse.history_], [h["loglik"] for h in dense.history_],
@@ -104,7 +109,7 @@ def test_sparse_at_k16384(small):
     sparse = fit(big, Xs, texts, gselect=8, max_iter=3)
     comps, (cidx, rel), shift = sparse._cache[0]
     assert cidx.shape == (len(Xs[0]), 8) and len(comps) < K
-    dense = fit(big, Xs, texts, max_iter=3)
+    dense = fit(big, Xs, texts, max_iter=3, gselect=None)
     np.testing.assert_allclose([h["loglik_per_frame"] for h in sparse.history_],
                                [h["loglik_per_frame"] for h in dense.history_], atol=0.02)
     for (i, a), (_, b) in zip(sparse.align_corpus(), dense.align_corpus()):

@@ -153,3 +153,21 @@ def test_sparse_huge_relative_values_underflow_to_nothing():
     counts = sparse_mixture_counts(idx, rel, np.ones((2, 2)), P, Wt)
     np.testing.assert_allclose(counts, [[1.0, 1.0], [1.0, 0.0]])  # frame 1 of unit 1: P = 0, nothing
     assert np.isfinite(counts).all()
+
+
+def test_gather_weights_and_add_counts():
+    from streamq.kernels.tied import add_counts, gather_weights
+
+    rng = np.random.default_rng(9)
+    W = rng.uniform(size=(7, 30))
+    units = np.array([5, 0, 3], np.int64)
+    comps = np.array([2, 29, 11, 12], np.int32)
+    np.testing.assert_array_equal(gather_weights(W, units, comps), naive.gather_weights(W, units, comps))
+    counts = rng.uniform(size=(4, 3))
+    acc = rng.uniform(size=(7, 30))
+    ref = naive.add_counts(acc, units, comps, counts)
+    add_counts(acc, units, comps, counts)
+    np.testing.assert_allclose(acc, ref, rtol=1e-15)
+    one = np.zeros((1, 1))  # K = 1, one unit
+    add_counts(one, np.zeros(1, np.int64), np.zeros(1, np.int32), np.full((1, 1), 2.5))
+    assert one[0, 0] == 2.5

@@ -19,7 +19,8 @@ import numpy as np
 from numba import njit
 
 __all__ = ["diag_gauss_loglik", "frame_normalise", "occupancy_by_unit", "mixture_likelihoods", "mixture_counts",
-           "sparse_frame_normalise", "sparse_mixture_likelihoods", "sparse_mixture_counts"]
+           "sparse_frame_normalise", "sparse_mixture_likelihoods", "sparse_mixture_counts", "gather_weights",
+           "add_counts"]
 
 # Linear-domain kernels on finite data may reassociate sums (vectorised reductions); never
 # 'nnan'/'ninf' (a frame far from every Gaussian is a legitimate, huge negative number).
@@ -243,4 +244,38 @@ def sparse_mixture_counts(idx, rel, occ, P, Wt):
     for k in range(C):
         for u in range(U):
             acc[k, u] *= Wt[k, u]
+    return acc
+
+
+@njit(cache=True, nogil=True)
+def gather_weights(W, units, comps):
+    """The weights of some units at some components, transposed: Wt[c, u] = W[units[u], comps[c]].
+
+    W : float64 (n_units, K) IN; units : int64 (U,) IN; comps : int32 / int64 (C,) IN.
+    Returns Wt : float64 (C, U) OUT (the ``Wt`` of :func:`sparse_mixture_likelihoods` for lists numbered
+    among ``comps``).
+    """
+    C = comps.shape[0]
+    U = units.shape[0]
+    Wt = np.empty((C, U))
+    for u in range(U):
+        row = W[units[u]]
+        for c in range(C):
+            Wt[c, u] = row[comps[c]]
+    return Wt
+
+
+@njit(cache=True, nogil=True)
+def add_counts(acc, units, comps, counts):
+    """Scatter-add sparse counts into the corpus accumulator: acc[units[u], comps[c]] += counts[c, u].
+
+    acc : float64 (n_units, K) INOUT; units : int64 (U,) IN, distinct; comps : int32 / int64 (C,) IN,
+    distinct; counts : float64 (C, U) IN (from :func:`sparse_mixture_counts`).
+    """
+    C = comps.shape[0]
+    U = units.shape[0]
+    for u in range(U):
+        r = units[u]
+        for c in range(C):
+            acc[r, comps[c]] += counts[c, u]
     return acc
