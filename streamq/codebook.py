@@ -503,7 +503,8 @@ class LBG(_Trainer):
 
     Attributes
     ----------
-    stage_codebooks_ : list of float32 (K_s, D), the codebook at the end of each stage (1, 2, 4, ..., K).
+    stage_codebooks_ : list of float32 (K_s, D), the codebook at the end of each stage (1, 2, 4, ..., K); the
+        last one is ``codebook_`` (after the exact passes).
     """
 
     method = "lbg"
@@ -574,6 +575,8 @@ class LBG(_Trainer):
                 self._passes_done += 1
                 self._save()
                 pb.update(1)
+        if self.stage_codebooks_:  # the last stage is the final codebook, after the exact passes
+            self.stage_codebooks_[-1] = self.codebook_.copy()
         return self
 
     def _state(self):

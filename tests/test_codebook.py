@@ -251,3 +251,12 @@ def test_final_lloyd_passes_never_raise_the_training_loss():
     train = np.delete(X, b._exclude, axis=0)
     assert full_loss(b.codebook_, train) <= full_loss(a.codebook_, train) + 1e-6
     assert b.history_[-1]["pass"] == 1 and b.counts_.sum() == len(train)
+
+
+def test_lbg_keeps_every_stage_and_the_last_is_the_final_codebook():
+    rng = np.random.default_rng(11)
+    _, X = blobs(rng, n_clusters=20, n=8000, d=3)
+    est = LBG(20, seed=0).fit(X)
+    assert [len(c) for c in est.stage_codebooks_] == est.stages() == [1, 2, 4, 8, 16, 20]
+    np.testing.assert_array_equal(est.stage_codebooks_[-1], est.codebook_)
+    np.testing.assert_allclose(est.stage_codebooks_[0][0], X.mean(0), atol=0.1)
