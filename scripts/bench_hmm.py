@@ -5,6 +5,17 @@ Usage::
 
     python scripts/bench_hmm.py                       # kernels: S = 200, T = 5000
     python scripts/bench_hmm.py --store S --model M   # + aligner throughput on a store (audio h / wall min)
+    python scripts/bench_hmm.py --align-bench DIR --jobs 2 --eval   # sparse vs dense at K = 1024 and 16384
+
+``--align-bench DIR`` makes (or reuses) in DIR: the bundled Common Voice demo ingested (``demo``), a corpus of
+``--copies`` copies of it with seeded per-copy noise on the MFCCs (``corpus``, so fixed costs are amortised
+as on a real corpus), an LBG K = 1024 codebook + 5 GMM iterations (``k1024``) and an LBG K = 16384 codebook
+with per-cluster variances (``k16384``), all trained on the demo. Then ``streamq align`` (run_align, 30 EM
+iterations, ``--jobs``) on the corpus with sparse cached emissions (``gselect``) and with dense ones
+(``gselect=None``), printing audio hours per wall minute for the whole command and for its EM iterations
+alone. Dense at K = 16384 costs T K U per iteration (hours here): it runs ``--dense-iters-16384``
+iterations and its 30-iteration figure is extrapolated from their mean (marked so). ``--eval`` scores word
+boundaries of sparse vs dense on the demo (K = 1024, scripts/eval_alignment.py).
 
 Kernel part: the same frame log-likelihoods (T, S) and the same linear-chain transition matrix go to
 streamq's forward_backward (O(T S), scaled) and to hmmlearn's ``forward_log + backward_log`` and
@@ -111,6 +122,116 @@ def bench_align(store, model, iters, jobs, repeats):
             "audio_hours_per_wall_minute_per_iter": hours * iters / (wall / 60)}
 
 
+def _cli(*args):
+    import subprocess
+    import sys
+
+    subprocess.run([sys.executable, "-c", "import sys; from streamq.cli import main; sys.exit(main(sys.argv[1:]))",
+                    *map(str, args), "--quiet"], check=True)
+
+
+def prepare_align_bench(d, copies, seed=0):
+    """Demo store, replicated corpus and the K = 1024 / 16384 models in ``d`` (reused when present)."""
+    from pathlib import Path
+
+    from streamq.align import gaussians_from_codebook
+    from streamq.artifacts import load_codebook, save_gmm
+    from streamq.store import FrameStore, UtteranceSource
+
+    d = Path(d)
+    d.mkdir(parents=True, exist_ok=True)
+    demo, corpus = d / "demo", d / f"corpus_x{copies}"
+    root = Path(__file__).resolve().parents[1]
+    if not (demo / "zarr.json").exists():
+        _cli("ingest", root / "data" / "commonvoice_demo", demo)
+    if not (corpus / "zarr.json").exists():
+        src = FrameStore.open(demo)
+        out = FrameStore.create(corpus, src.dim)
+        rng = np.random.default_rng(seed)
+        for c in range(copies):
+            batch = []
+            for i in range(src.n_utterances):
+                X, tr = src.utterance(i)
+                noise = rng.normal(scale=0.05, size=X.shape) if c else 0.0
+                batch.append({"id": f"{src.ids[i]}_c{c}", "frames": (X + noise).astype(np.float32), "transcript": tr,
+                              "duration": float(src.durations[i])})
+            out.append(batch)
+    if not (d / "k1024" / "gmm.npz").exists():
+        _cli("fit", demo, d / "cb1024", "--k", 1024, "--method", "lbg")
+        _cli("gmm", demo, d / "cb1024", d / "k1024", "--iters", 5)
+    if not (d / "k16384" / "gmm.npz").exists():
+        if not (d / "cb16384" / "codebook.npy").exists():
+            _cli("fit", demo, d / "cb16384", "--k", 16384, "--method", "lbg")
+        C = load_codebook(d / "cb16384" / "codebook.npy")
+        g = gaussians_from_codebook(C, UtteranceSource.from_store(FrameStore.open(demo)))
+        (d / "k16384").mkdir(exist_ok=True)
+        save_gmm(d / "k16384", g)
+    return demo, corpus
+
+
+def time_align(store, model, out, iters, jobs, **kw):
+    from streamq.artifacts import read_records
+    from streamq.pipelines import run_align
+    from streamq.store import FrameStore
+
+    hours = float(FrameStore.open(store).durations.sum()) / 3600
+    t0 = time.perf_counter()
+    s = run_align(store, model, out, iters=iters, jobs=jobs, verbose=0, **kw)
+    wall = time.perf_counter() - t0
+    em = [float(r["seconds"]) for r in read_records(f"{out}/align_history.csv")]
+    return {"audio_hours": hours, "iters": iters, "wall_s": wall, "em_s": float(np.sum(em)),
+            "em_iter_s": float(np.mean(em)), "aligned": s["aligned"], "utterances": s["utterances"]}
+
+
+def bench_align_modes(d, copies, jobs, gselect, dense_iters_16384, ks, iters=30):
+    import tempfile
+
+    demo, corpus = prepare_align_bench(d, copies)
+    rows = []
+    with tempfile.TemporaryDirectory(dir=d) as tmp:
+        # compile caches once (a 1-iteration run on the demo for each mode)
+        for mode in (gselect, None):
+            time_align(demo, f"{d}/k1024", f"{tmp}/warm{mode}", 1, jobs, gselect=mode)
+        for K in ks:
+            for name, g in (("sparse", gselect), ("dense", None)):
+                n = dense_iters_16384 if (K == 16384 and g is None) else iters
+                r = time_align(corpus, f"{d}/k{K}", f"{tmp}/{name}{K}", n, jobs, gselect=g)
+                fixed = r["wall_s"] - r["em_s"]
+                wall30 = fixed + r["em_iter_s"] * iters
+                r.update(K=K, mode=name, gselect=g, extrapolated=n != iters, wall_30_s=wall30,
+                         hours_per_min=r["audio_hours"] / (wall30 / 60),
+                         em_hours_per_min=r["audio_hours"] / (r["em_iter_s"] * iters / 60))
+                rows.append(r)
+                print(f"K={K:5d} {name:6s} (gselect={g}): {r['audio_hours']:.3f} h, {iters} EM iterations, jobs={jobs}: "
+                      f"wall {wall30:.1f} s{' (extrapolated from %d iterations)' % n if n != iters else ''}, "
+                      f"EM {r['em_iter_s']:.3f} s/iter -> {r['hours_per_min']:.2f} audio h / wall min "
+                      f"(EM alone {r['em_hours_per_min']:.2f})", flush=True)
+    return rows
+
+
+def eval_modes(d, jobs, gselect, iters=30):
+    import json
+    import subprocess
+    import sys
+    import tempfile
+    from pathlib import Path
+
+    demo, _ = prepare_align_bench(d, 1)
+    root = Path(__file__).resolve().parents[1]
+    out = {}
+    with tempfile.TemporaryDirectory(dir=d) as tmp:
+        for name, g in (("sparse", gselect), ("dense", None)):
+            time_align(demo, f"{d}/k1024", f"{tmp}/{name}", iters, jobs, gselect=g)
+            r = subprocess.run([sys.executable, str(root / "scripts" / "eval_alignment.py"), "--json", str(demo),
+                                f"{tmp}/{name}", str(root / "data" / "commonvoice_demo" / "word_times.tsv")],
+                               capture_output=True, text=True, check=True)
+            e = json.loads(r.stdout)
+            out[name] = {k: v for k, v in e.items() if k.startswith("within") or k.startswith("median")}
+            print(f"word boundaries, Common Voice demo, K=1024, {name} (gselect={g}): "
+                  + ", ".join(f"{k} {v:.4f}" for k, v in out[name].items()), flush=True)
+    return out
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--T", type=int, default=5000)
@@ -123,8 +244,28 @@ def main(argv=None):
     ap.add_argument("--jobs", type=int, default=1)
     ap.add_argument("--align-repeats", type=int, default=1)
     ap.add_argument("--json", default=None)
+    ap.add_argument("--align-bench", default=None, metavar="DIR",
+                    help="sparse vs dense aligner throughput (and --eval accuracy) in DIR (see the module docstring)")
+    ap.add_argument("--copies", type=int, default=5, help="copies of the demo in the --align-bench corpus")
+    ap.add_argument("--gselect", type=int, default=16)
+    ap.add_argument("--ks", default="1024,16384")
+    ap.add_argument("--dense-iters-16384", type=int, default=2)
+    ap.add_argument("--eval", action="store_true", help="with --align-bench: word-boundary accuracy, sparse vs dense")
+    ap.add_argument("--skip-kernels", action="store_true")
     a = ap.parse_args(argv)
-    out = {"kernels": bench_kernels(a.T, a.S, a.repeats, a.hmm_repeats)}
+    out = {}
+    if a.align_bench:
+        ks = [int(k) for k in a.ks.split(",") if k]
+        out["align_modes"] = bench_align_modes(a.align_bench, a.copies, a.jobs, a.gselect, a.dense_iters_16384, ks,
+                                               a.iters)
+        if a.eval:
+            out["accuracy"] = eval_modes(a.align_bench, a.jobs, a.gselect, a.iters)
+    if a.skip_kernels or a.align_bench:
+        if a.json:
+            with open(a.json, "w") as f:
+                json.dump(out, f, indent=2, default=str)
+        return 0
+    out["kernels"] = bench_kernels(a.T, a.S, a.repeats, a.hmm_repeats)
     k = out["kernels"]
     print(f"forward-backward T={a.T} S={a.S}: streamq {k['streamq_fb_s'] * 1e3:.1f} ms "
           f"(log-domain fallback {k['streamq_fb_logdomain_s'] * 1e3:.1f} ms, Viterbi "
