@@ -6,10 +6,13 @@ Model
   ``states_per_symbol`` states per character with an optional pause between words, then silence.
 - **Emissions.** K shared diagonal Gaussians (a GMM, or a codebook with per-cluster variances from one
   pass over the corpus, :meth:`streamq.gmm.DiagGMM.init_from_codebook`) and one weight vector per *unit*
-  (a symbol's sub-state, or silence), tied across utterances. Per frame the K Gaussian log-likelihoods
-  are computed once; a unit's log-emission is ``logsumexp_k(log w_uk + log N_k(x))``
-  (:mod:`streamq.kernels.tied`). EM (:mod:`streamq.kernels.lattice`: scaled forward-backward)
-  re-estimates only the weights (and, optionally, each utterance's self-loop probability).
+  (a symbol's sub-state, or silence), tied across utterances. Per frame the Gaussian log-likelihoods are
+  computed once and cached: each frame's top-``gselect`` Gaussians by hierarchical selection
+  (:mod:`streamq.selection`), or all K (``gselect=None``); a unit's log-emission is
+  ``logsumexp_k(log w_uk + log N_k(x))`` over them (:mod:`streamq.kernels.tied`). EM
+  (:mod:`streamq.kernels.lattice`: scaled forward-backward on a beam-pruned, checkpointed lattice, so
+  long recordings fit in memory) re-estimates only the weights (and, optionally, each utterance's
+  self-loop probability).
 - **Durations.** Self-loop ``p = 1 - S/T`` per utterance (E[d] = 1/(1-p) = T/S), floored.
 
 :class:`Aligner` follows scikit-learn's conventions: ``fit(X, y)`` with X the utterances (a FrameStore,
@@ -547,12 +550,17 @@ class Aligner(BaseEstimator):
 
     def _record_traces(self):
         """Posteriors and Viterbi path of the traced utterances under the current weights (exact, dense
-        lattices: T x S each, so trace short utterances)."""
-        for i, tr in self.traces_.items():
+        lattices: T x S each; utterances over DENSE_FALLBACK_CELLS state-frames are not traced)."""
+        for i, tr in list(self.traces_.items()):
             if i in self.unaligned_:
                 continue
-            X = self.corpus_.utterance(i)
             ch = self.chains_[i]
+            if int(self.corpus_.lengths[i]) * ch.n_states > DENSE_FALLBACK_CELLS:
+                log.warning("align: utterance %d too long to trace (%d frames x %d states)", i,
+                            int(self.corpus_.lengths[i]), ch.n_states)
+                del self.traces_[i]
+                continue
+            X = self.corpus_.utterance(i)
             units, local, P, shift, _ = self._emissions(i, X, ch)
             stay, nxt, skip = ch.transitions(self.self_loops_[i], self.pause_prob)
             with np.errstate(divide="ignore"):
@@ -576,6 +584,10 @@ class Aligner(BaseEstimator):
             return i, None
         chars, words = _segments(ch, path)
         gamma = None
+        if posteriors and len(path) * len(local) > DENSE_FALLBACK_CELLS:
+            log.warning("align: utterance %d too long for its full posteriors (%d frames x %d states)", i,
+                        len(path), len(local))
+            posteriors = False
         if posteriors:  # the full T x S posteriors were asked for: exact dense lattice
             with np.errstate(divide="ignore"):
                 log_emit = np.log(P) + shift[:, None]

@@ -166,3 +166,16 @@ def test_thirty_minute_utterance_within_a_memory_bound():
     assert st["viterbi_max_bytes"] < dense / 200, (st, dense)
     errs = boundary_errors(a.words, truth)
     assert (errs <= 3).mean() > 0.95, np.bincount(errs)[:10]
+
+
+def test_long_utterances_are_not_traced_nor_given_full_posteriors(small, monkeypatch):
+    """Traces and posteriors=True need T x S arrays: past DENSE_FALLBACK_CELLS they are skipped, not allocated."""
+    Xs, texts, _, model = small
+    monkeypatch.setattr(align_mod, "DENSE_FALLBACK_CELLS", 40 * 20)
+    long_i = int(np.argmax([len(X) * 1.0 for X in Xs]))
+    al = fit(model, Xs, texts, max_iter=2, trace=(0, long_i))
+    S = al.chains_[long_i].n_states
+    assert len(Xs[long_i]) * S > 800
+    assert long_i not in al.traces_
+    out = dict(al.align_corpus(posteriors=[long_i]))
+    assert out[long_i] is not None and out[long_i].posteriors is None and out[long_i].word_confidence
