@@ -7,7 +7,10 @@ The chain has S states, starts in state 0 and ends in state S - 1. State ``s`` m
 - the state after next with probability ``skip[s]`` (this is how an optional state,
   e.g. a pause between words, is skipped).
 
-A plain linear chain is ``skip = 0``. Every kernel is O(T * S) in time.
+A plain linear chain is ``skip = 0``. :func:`forward_backward` and :func:`viterbi` are O(T * S) in time and
+memory; :func:`forward_backward_pruned` and :func:`viterbi_pruned` (long recordings) work on one window of
+states per frame (beam pruning, Kaldi's ``--beam``) with checkpoints, O(T * width) in time and
+O(T U + sqrt(T) width) / O(T width) bytes in memory, and equal the dense kernels when nothing is pruned.
 
 Emissions are given per *unit* (T, U) together with ``state_unit`` (S,), the unit each state
 emits with (several states share a unit: the same character in several places of a transcript).
