@@ -360,8 +360,10 @@ def test_distributed_ingest_resumes_after_the_client_is_killed(client, cv48, loc
 
 # ------------------------------------------------------------------------------------------ object storage
 @pytest.fixture(scope="module")
-def s3(store, tmp_path_factory):
-    """A moto S3 server on 127.0.0.1 holding a copy of the test store at s3://streamq-test/s.zarr."""
+def s3(tmp_path_factory):
+    """A moto S3 server on 127.0.0.1 holding a copy of a test store (chunks of 4096 frames: every chunk is one
+    HTTP request) at s3://streamq-test/s.zarr; yields (url, environment, the local store)."""
+    store = _synth_corpus(tmp_path_factory.mktemp("s3src") / "s.zarr", chunk=4096)
     from moto.server import ThreadedMotoServer
 
     logging.getLogger("werkzeug").setLevel(logging.ERROR)
@@ -377,7 +379,7 @@ def s3(store, tmp_path_factory):
     fs = s3fs.S3FileSystem(client_kwargs={"endpoint_url": env["AWS_ENDPOINT_URL"]}, skip_instance_cache=True)
     fs.mkdir("streamq-test")
     fs.put(str(store.path), "streamq-test/s.zarr", recursive=True)
-    yield "s3://streamq-test/s.zarr", env
+    yield "s3://streamq-test/s.zarr", env, store
     for k, v in old.items():
         if v is None:
             os.environ.pop(k, None)
@@ -386,8 +388,8 @@ def s3(store, tmp_path_factory):
     srv.stop()
 
 
-def test_store_on_s3_reads_like_the_local_copy(s3, store, tmp_path):
-    url, _ = s3
+def test_store_on_s3_reads_like_the_local_copy(s3, tmp_path):
+    url, _, store = s3
     r = FrameStore.open(url)
     assert (r.n_frames, r.n_utterances, r.ids, r.transcripts) == (store.n_frames, store.n_utterances, store.ids,
                                                                   store.transcripts)
@@ -399,7 +401,7 @@ def test_store_on_s3_reads_like_the_local_copy(s3, store, tmp_path):
         FrameStore.open("s3://streamq-test/nothing.zarr")
     for sub, where in (("l", store.path), ("s", url)):
         run_fit(where, tmp_path / f"fit_{sub}", 8, seed=2, verbose=0)
-        run_gmm(where, tmp_path / f"fit_{sub}", tmp_path / f"gmm_{sub}", iters=2, verbose=0, batch_size=512)
+        run_gmm(where, tmp_path / f"fit_{sub}", tmp_path / f"gmm_{sub}", iters=2, verbose=0, batch_size=2048)
     np.testing.assert_array_equal(np.load(tmp_path / "fit_s" / "codebook.npy"), np.load(tmp_path / "fit_l" / "codebook.npy"))
     a, b = np.load(tmp_path / "gmm_l" / "gmm.npz"), np.load(tmp_path / "gmm_s" / "gmm.npz")
     for k in ("weights", "means", "variances"):
@@ -409,8 +411,8 @@ def test_store_on_s3_reads_like_the_local_copy(s3, store, tmp_path):
     assert r.returncode == 0 and f'"frames": {store.n_frames}' in r.stdout, r.stderr
 
 
-def test_workers_read_the_store_from_s3(s3, client, store):
-    url, env = s3
+def test_workers_read_the_store_from_s3(s3, client):
+    url, env, store = s3
     client.run(lambda: os.environ.update(env))
     src = FrameStore.open(url)
     C = store.sample(8, seed=6)
