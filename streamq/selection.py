@@ -33,6 +33,17 @@ Layout (all plain arrays, so they can be saved, shared with workers or passed to
   member_ptr[j + 1]] (dtype of ``rep_W`` / ``mem_Wb`` = ``dot_dtype``); ``means``, ``prec`` (K, D) and
   ``lconst`` (K,) in component order for the exact float64 re-evaluation.
 - ``n_search`` int, ``recall_curve`` / ``gap_curve`` float64 (G,): the calibration.
+
+Use:
+
+- scoring: ``selected_score_samples(X, sel, n)`` (float64 (N,), log-sum-exp over each frame's top n);
+- EM: ``selected_accumulate(X, sel, n)`` -> (total, occ (K,), f (K, D), s (K, D)), f and s about
+  ``sel.shift`` (the M-step's shift);
+- stored candidate lists (Kaldi's ``gmm-gselect`` reused across iterations, or an aligner whose Gaussians
+  are fixed): ``idx, ll = select(X, sel, n)`` once, then ``kernels.selection.score_listed(X, idx, sel.means,
+  sel.prec, sel.lconst, n_chunks)`` under new parameters (``refresh_selection``) and
+  ``kernels.selection.selected_stats`` / ``selected_posteriors``. ``ll`` includes log w_k: the unweighted
+  log N(x | k) is ``ll - log(w[idx])``.
 """
 
 from __future__ import annotations
