@@ -49,6 +49,7 @@ DEFAULT_BEAM = 100.0        # nats; see Aligner(beam=...)
 DEFAULT_RETRY_BEAM = 400.0  # nats (exp(-400) is still a normal float64: the scaled lattice can prune at it)
 DENSE_FALLBACK_CELLS = 2 ** 24  # T x S of the log-domain fallback on underflow (three float64 T x S arrays)
 NO_PATH = "no finite path (every state sequence has zero probability)"
+OCC_FLOOR = 1e-12  # sparse M-step statistics skip unit occupancies below this (sum to 1 per frame)
 
 
 def gaussians_from_codebook(codebook, utterances: UtteranceSource, verbose=0, client=None) -> Gaussians:
@@ -461,7 +462,7 @@ class Aligner(BaseEstimator):
         if comps is None:
             rows, counts = units, mixture_counts(G, occ, P, W)
         else:
-            rows, counts = np.ix_(units, comps), sparse_mixture_counts(G[0], G[1], occ, P, W).T
+            rows, counts = np.ix_(units, comps), sparse_mixture_counts(G[0], G[1], occ, P, W, OCC_FLOOR).T
         tot = xi.sum()
         loop = xi[:, 0].sum() / tot if tot > 0 else np.nan
         return i, ll, rows, counts, loop, used_log

@@ -357,13 +357,13 @@ def sparse_mixture_likelihoods(idx, rel, Wt):
     return P
 
 
-def sparse_mixture_counts(idx, rel, occ, P, Wt):
-    """counts[k, u] = sum over slots listing k of occ[t, u] Wt[k, u] exp(rel[t, j]) / P[t, u]."""
+def sparse_mixture_counts(idx, rel, occ, P, Wt, occ_floor=0.0):
+    """counts[k, u] = sum over slots listing k of occ[t, u] Wt[k, u] exp(rel[t, j]) / P[t, u] (occ > occ_floor)."""
     T, n = idx.shape
     out = np.zeros(Wt.shape)
     for t in range(T):
         for u in range(Wt.shape[1]):
-            if occ[t, u] > 0 and P[t, u] > 0:
+            if occ[t, u] > occ_floor and P[t, u] > 0:
                 for j in range(n):
                     k = idx[t, j]
                     if k >= 0:

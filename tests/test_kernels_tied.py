@@ -112,6 +112,9 @@ def test_sparse_mixture_likelihoods_and_counts(T, n, C, U):
     np.testing.assert_allclose(counts, naive.sparse_mixture_counts(idx, rel, occ, P, Wt), rtol=1e-10, atol=1e-300)
     ok = (P > 0)
     np.testing.assert_allclose(counts.sum(0), (occ * ok).sum(0), rtol=1e-10)  # occupancy redistributed
+    floor = float(np.median(occ))  # the floor skips the occupancies at or below it, exactly as the reference
+    np.testing.assert_allclose(sparse_mixture_counts(idx, rel, occ, P, Wt, floor),
+                               naive.sparse_mixture_counts(idx, rel, occ, P, Wt, floor), rtol=1e-10, atol=1e-300)
     assert not counts[0].any()
     if U > 1:
         assert not counts[:, -1].any()

@@ -30,7 +30,7 @@ import numpy as np
 from numba import njit
 
 __all__ = ["forward_backward", "forward_backward_log", "viterbi", "forward_backward_pruned", "viterbi_pruned",
-           "end_distance"]
+           "end_distance", "m_any"]
 
 
 # --------------------------------------------------------------------------- helpers
@@ -349,6 +349,15 @@ def _grow(buf, need):
 
 
 @njit(cache=True, nogil=True)
+def m_any(P, t, state_unit, lo, hi):
+    """True if a state in [lo, hi] has a positive emission at frame t."""
+    for s in range(lo, hi + 1):
+        if P[t, state_unit[s]] > 0.0:
+            return True
+    return False
+
+
+@njit(cache=True, nogil=True)
 def forward_backward_pruned(P, state_unit, stay, nxt, skip, n_units, beam, every, path):
     """Forward-backward on linear emissions over a pruned, checkpointed lattice; per-unit occupancy.
 
@@ -420,7 +429,9 @@ def forward_backward_pruned(P, state_unit, stay, nxt, skip, n_units, beam, every
             phi = hi[t - 1]
             chi = min(phi + 2, S - 1)
             left = T - 1 - t
-            m = 0.0
+            # P <= 1 (relative to the frame's best Gaussian, weights summing to 1) and the previous frame is
+            # normalised, so p * e cannot overflow; a frame where it all underflows is status 2
+            amax = 0.0
             for s in range(plo, chi + 1):
                 p = 0.0
                 if s <= phi:
@@ -429,25 +440,15 @@ def forward_backward_pruned(P, state_unit, stay, nxt, skip, n_units, beam, every
                     p += nxt[s - 1] * prev[s - 1]
                 if s - 2 >= plo:
                     p += skip[s - 2] * prev[s - 2]
-                cur[s] = p
-                if p > 0.0:
-                    e = P[t, state_unit[s]]
-                    if e > m:
-                        m = e
-            if m != m or m == np.inf:
-                return occ, -np.inf, xi, 2, pp, info
-            if not (m > 0.0):
-                return occ, -np.inf, xi, 1, pp, info
-            inv = 1.0 / m
-            amax = 0.0
-            for s in range(plo, chi + 1):
-                p = cur[s]
-                a = p * (P[t, state_unit[s]] * inv) if p > 0.0 else 0.0
+                a = p * P[t, state_unit[s]] if p > 0.0 else 0.0
+                if a != a or a == np.inf:
+                    return occ, -np.inf, xi, 2, pp, info
                 cur[s] = a
                 if a > amax:
                     amax = a
             if not (amax > 0.0):
-                return occ, -np.inf, xi, 2, pp, info
+                return occ, -np.inf, xi, (2 if m_any(P, t, state_unit, plo, chi) else 1), pp, info
+            m = 1.0
             # the beam is relative to the best state, even one that can no longer reach the end in time
             # (then the kept ones may die out: no path inside the beam); only those that can are kept
             thr = amax * thr_rel
@@ -464,6 +465,8 @@ def forward_backward_pruned(P, state_unit, stay, nxt, skip, n_units, beam, every
                 if dend[s] > left:
                     cur[s] = 0.0
                 c += cur[s]
+            if not (c > 1e-290):  # 1 / c would overflow: redo in the log domain
+                return occ, -np.inf, xi, 2, pp, info
             ic = 1.0 / c
             for s in range(nlo, nhi + 1):
                 prev[s] = cur[s] * ic

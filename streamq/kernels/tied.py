@@ -205,7 +205,7 @@ def sparse_mixture_likelihoods(idx, rel, Wt):
 
 
 @njit(cache=True, nogil=True, fastmath=_LINEAR_FASTMATH)
-def sparse_mixture_counts(idx, rel, occ, P, Wt):
+def sparse_mixture_counts(idx, rel, occ, P, Wt, occ_floor=0.0):
     """Expected component counts per unit, accumulated only at the listed components.
 
     ``counts[k, u] = sum_t sum_{j: idx[t, j] = k} occ[t, u] Wt[k, u] exp(rel[t, j]) / P[t, u]``: the unit's
@@ -214,8 +214,10 @@ def sparse_mixture_counts(idx, rel, occ, P, Wt):
 
     idx, rel : (T, n) IN as in :func:`sparse_mixture_likelihoods`; occ : float64 (T, U) IN state occupancy
     summed per unit; P : float64 (T, U) IN from :func:`sparse_mixture_likelihoods`; Wt : float64 (C, U) IN.
-    Returns counts : float64 (C, U) OUT (frames with ``occ == 0`` or ``P == 0`` contribute nothing; only the
-    units a frame occupies are visited).
+    occ_floor : float, occupancies ``<= occ_floor`` are skipped (0: exact; the aligner passes 1e-12: a
+        pruned lattice's window holds many states with posteriors of e^-50 and less, which change no count).
+    Returns counts : float64 (C, U) OUT (frames with ``occ <= occ_floor`` or ``P == 0`` contribute nothing;
+    only the units a frame occupies are visited).
     """
     T, n = idx.shape
     C, U = Wt.shape
@@ -226,7 +228,7 @@ def sparse_mixture_counts(idx, rel, occ, P, Wt):
         m = 0
         for u in range(U):
             o = occ[t, u]
-            if o > 0.0 and P[t, u] > 0.0:
+            if o > occ_floor and P[t, u] > 0.0:
                 r[m] = o / P[t, u]
                 nz[m] = u
                 m += 1
