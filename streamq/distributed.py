@@ -150,6 +150,17 @@ def tree_submit(client, futures, split_every: int = SPLIT_EVERY):
     return level[0]
 
 
+def tree_sum(parts, split_every: int = SPLIT_EVERY):
+    """The sum :func:`tree_submit` computes, in this process: the same grouping, so the same bits."""
+    level = list(parts)
+    if not level:
+        raise ValueError("tree_sum: nothing to reduce")
+    while len(level) > 1:
+        level = [_add(*level[i:i + split_every]) if len(level[i:i + split_every]) > 1 else level[i]
+                 for i in range(0, len(level), split_every)]
+    return level[0]
+
+
 def tree_reduce(client, futures, split_every: int = SPLIT_EVERY):
     """The sum of the statistics of ``futures`` (see :func:`tree_submit`), gathered to the client."""
     return tree_submit(client, futures, split_every).result()
@@ -504,26 +515,37 @@ def _aligner_on_worker(shared, local):
     return al
 
 
-def _align_part(url, n_frames, idx, shared, local, budget):
-    """EM statistics of utterances ``idx``: (acc (n_units, K), loglik, frames, fallbacks, aligned, loops,
-    failure reasons, [lattice stats])."""
-    corpus = _open_utterances(url, n_frames)
-    al = _aligner_on_worker(shared, local)
+def _group_statistics(al, corpus, idx):
+    """EM statistics of the utterances ``idx`` (one group), summed from zero in order: (acc (n_units, K),
+    loglik, frames, fallbacks, aligned, loops, failure reasons, [lattice stats])."""
+    try:
+        from .align import _accumulate
+    except ImportError:  # an aligner without the scatter kernel
+        def _accumulate(acc, rows, counts):
+            acc[rows] += counts
     acc = np.zeros(np.shape(al.unit_weights_))
     total, frames, fallbacks, aligned, loops = 0.0, 0, 0, 0, {}
+    for blk in corpus.iter_blocks(idx):
+        for i, X in blk:
+            i, ll, rows, counts, loop, used_log = al._e_step(i, X)
+            fallbacks += used_log
+            if rows is None:
+                continue
+            aligned += 1
+            total += ll
+            frames += int(corpus.lengths[i])
+            _accumulate(acc, rows, counts)
+            loops[i] = loop
+    return (acc, total, frames, fallbacks, aligned, loops, dict(getattr(al, "_fail_reasons", {})),
+            [dict(getattr(al, "lattice_stats_", {}))])
+
+
+def _align_part(url, n_frames, idx, shared, local, budget):
+    """EM statistics of utterances ``idx`` on a worker (see :func:`_group_statistics`)."""
+    corpus = _open_utterances(url, n_frames)
+    al = _aligner_on_worker(shared, local)
     with _task_threads(budget):
-        for blk in corpus.iter_blocks(idx):
-            for i, X in blk:
-                i, ll, rows, counts, loop, used_log = al._e_step(i, X)
-                fallbacks += used_log
-                if rows is None:
-                    continue
-                aligned += 1
-                total += ll
-                frames += int(corpus.lengths[i])
-                acc[rows] += counts
-                loops[i] = loop
-    return acc, total, frames, fallbacks, aligned, loops, dict(al._fail_reasons), [dict(al.lattice_stats_)]
+        return _group_statistics(al, corpus, idx)
 
 
 def _align_shared(client, aligner):
@@ -570,6 +592,18 @@ def align_statistics(client, aligner, corpus, todo, verbose: int = 0):
     acc, total, frames, fallbacks, aligned, loops, reasons, stats = _reduce_with_bar(client, parts, sizes,
                                                                                      "align EM (dask)", verbose)
     _merge_worker_notes(aligner, reasons, stats)
+    return acc, float(total), int(frames), int(fallbacks), int(aligned), loops
+
+
+def local_align_statistics(aligner, corpus, todo):
+    """What :func:`align_statistics` returns, computed in this process with the same utterance groups and the
+    same reduction tree, hence the same bits: an in-process loop that accumulates through this function
+    gives alignments identical to a cluster's, not only equal to float64 rounding (Viterbi ties included)."""
+    groups = utterance_groups(corpus.lengths, todo)
+    if not groups:
+        return np.zeros(np.shape(aligner.unit_weights_)), 0.0, 0, 0, 0, {}
+    parts = [_group_statistics(aligner, corpus, idx) for idx in groups]
+    acc, total, frames, fallbacks, aligned, loops, reasons, _ = tree_sum(parts)
     return acc, float(total), int(frames), int(fallbacks), int(aligned), loops
 
 
@@ -632,6 +666,6 @@ def align_decode(client, aligner, corpus, indices, posteriors=()):
     return gen()
 
 
-__all__ = ["DistributedError", "connect", "partition", "tree_submit", "tree_reduce", "thread_budget", "source_url", "lloyd_stats",
-           "codebook_stats", "gmm_stats", "quantise", "utterance_groups", "align_statistics", "align_decode",
-           "ordered_map", "PART_FRAMES", "MIN_PARTS"]
+__all__ = ["DistributedError", "connect", "partition", "tree_submit", "tree_reduce", "tree_sum", "thread_budget",
+           "source_url", "lloyd_stats", "codebook_stats", "gmm_stats", "quantise", "utterance_groups",
+           "align_statistics", "local_align_statistics", "align_decode", "ordered_map", "PART_FRAMES", "MIN_PARTS"]
