@@ -262,6 +262,8 @@ class Aligner(BaseEstimator):
         ``1 - S/T`` per utterance (a fixed 0.75 on long utterances makes Viterbi put one frame in
         each early state and the rest in the last, as the seed notes found).
     update_transitions : bool, re-estimate each utterance's self-loop probability in the M-step.
+    char_skip : float in [0, 1), probability that a character's first state skips its second (3 or more
+        states per symbol): a character may then take states_per_symbol - 1 frames (silent letters).
     weight_prior : float, Dirichlet pseudo-count (in frames) pulling each unit's weights towards
         the model's global weights; 0 gives plain maximum-likelihood EM.
     n_jobs : int, threads over utterances (kernels release the GIL).
@@ -299,7 +301,7 @@ class Aligner(BaseEstimator):
     """
 
     def __init__(self, model=None, states_per_symbol=3, max_iter=30, pause_prob=0.5, self_loop_floor=0.1,
-                 self_loop=None, update_transitions=False, weight_prior=1.0, n_jobs=1, cache_mb=512.0,
+                 self_loop=None, update_transitions=False, weight_prior=1.0, char_skip=0.0, n_jobs=1, cache_mb=512.0,
                  gselect=16, beam=DEFAULT_BEAM, retry_beam=DEFAULT_RETRY_BEAM, trace=(),
                  verbose=0, client=None):
         self.client = client
@@ -311,6 +313,7 @@ class Aligner(BaseEstimator):
         self.self_loop = self_loop
         self.update_transitions = update_transitions
         self.weight_prior = weight_prior
+        self.char_skip = char_skip
         self.n_jobs = n_jobs
         self.cache_mb = cache_mb
         self.gselect = gselect
@@ -333,6 +336,8 @@ class Aligner(BaseEstimator):
             raise ValueError(f"self_loop_floor must be in [0, 1), got {self.self_loop_floor}")
         if self.self_loop is not None and not 0.0 <= self.self_loop < 1.0:
             raise ValueError(f"self_loop must be in [0, 1), got {self.self_loop}")
+        if not 0.0 <= self.char_skip < 1.0:
+            raise ValueError(f"char_skip must be in [0, 1), got {self.char_skip}")
         if self.weight_prior < 0:
             raise ValueError(f"weight_prior must be >= 0, got {self.weight_prior}")
         if int(self.n_jobs) < 1:
@@ -362,7 +367,7 @@ class Aligner(BaseEstimator):
         self.chains_, self.unaligned_ = [None] * corpus.n, {}
         self.self_loops_ = np.full(corpus.n, np.nan)
         for i, tr in enumerate(corpus.transcripts):
-            ch = self.inventory_.chain(tr)
+            ch = self.inventory_.chain(tr, self.char_skip)
             T = int(corpus.lengths[i])
             if not ch.words:
                 self.unaligned_[i] = "empty transcript after normalisation"
@@ -468,15 +473,21 @@ class Aligner(BaseEstimator):
         return i, ll, rows, counts, loop, used_log
 
     def _map(self, fn, corpus, indices):
-        """fn(i, X) over utterances in order; threads when jobs > 1 (results come back in order)."""
+        """fn(i, X) over utterances in order; threads when jobs > 1 (results come back in order). When every
+        utterance's Gaussian likelihoods are cached, no frames are read (X is None: fn uses the cache)."""
         indices = [i for i in indices]
+        cache = getattr(self, "_cache", None) or {}
+        if indices and all(i in cache for i in indices):
+            blocks = [[(i, None) for i in indices]]
+        else:
+            blocks = corpus.iter_blocks(indices)
         if self.n_jobs <= 1:
-            for blk in corpus.iter_blocks(indices):
+            for blk in blocks:
                 for i, X in blk:
                     yield fn(i, X)
             return
         with concurrent.futures.ThreadPoolExecutor(self.n_jobs) as pool:
-            for blk in corpus.iter_blocks(indices):
+            for blk in blocks:
                 yield from pool.map(lambda a: fn(*a), blk)
 
     # ------------------------------------------------------------------ training
@@ -638,7 +649,7 @@ class Aligner(BaseEstimator):
             i, a = self._decode(0, np.ascontiguousarray(frames, np.float32), posteriors)
         else:
             X = np.ascontiguousarray(frames, np.float32)
-            ch = self.inventory_.chain(transcript)
+            ch = self.inventory_.chain(transcript, self.char_skip)
             if ch.n_required > len(X):
                 raise ValueError(f"more states than frames ({ch.n_required} states, {len(X)} frames)")
             saved = (self.chains_, self.self_loops_, self._cache, self.corpus_, getattr(self, "_fail_reasons", {}))
