@@ -461,6 +461,7 @@ def quantise(client, source, C, out, batch_size: int = 65536, verbose: int = 0):
     url = _url_or_none(source, "quantise")
     if url is None:
         return None
+    out = os.path.abspath(str(out))  # workers need not share the client's working directory
     chunk = source.chunk_frames
     ranges = partition(source.n_frames, chunk)
     batch = max(chunk, (int(batch_size) // chunk) * chunk)

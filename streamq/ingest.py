@@ -303,14 +303,16 @@ def _dask_results(client, listing, todo, config, store_path):
     from .distributed import ordered_map
 
     want = {id(it) for it in todo}
-    d = shards_dir(store_path)
+    d = shards_dir(Path(store_path).absolute())  # absolute: workers need not share the client's directory
     d.mkdir(parents=True, exist_ok=True)
-    jobs, per = [], shard_size(len(listing))
+    jobs, keep, per = [], [], shard_size(len(listing))
     for k in range(0, len(listing), per):
         sh = [it for it in listing[k:k + per] if id(it) in want]
         if sh:
-            jobs.append((str(d / _shard_name(k // per, sh, config)), sh, config))
-    for (path, sh, _), done in zip(jobs, ordered_map(client, _extract_shard, jobs, key="ingest-shard")):
+            ship = [dataclasses.replace(it, path=os.path.abspath(it.path)) for it in sh]
+            jobs.append((str(d / _shard_name(k // per, ship, config)), ship, config))
+            keep.append(sh)
+    for sh, done in zip(keep, ordered_map(client, _extract_shard, jobs, key="ingest-shard")):
         yield from _read_shard(done, sh)
 
 

@@ -665,8 +665,8 @@ class FrameStore(FrameSource):
 
     @property
     def url(self) -> str:
-        """Where the store is, as a string any worker can open: a local path or an fsspec URL."""
-        return str(self.path)
+        """Where the store is, as a string any worker can open: an absolute local path or an fsspec URL."""
+        return self.path if self.remote else str(self.path.absolute())
 
     def info(self) -> dict:
         """Summary numbers for ``streamq info``."""
@@ -870,7 +870,7 @@ def as_source(obj, name: str | None = None) -> FrameSource:
             if not p.exists():
                 raise StoreError(f"{p}: file not found")
             src = ArraySource(np.load(p, mmap_mode="r"), name=str(p))
-            src.url = str(p)
+            src.url = str(p.absolute())
             return src
         if (p / "zarr.json").exists():
             import json
@@ -880,7 +880,7 @@ def as_source(obj, name: str | None = None) -> FrameSource:
                 import zarr
 
                 src = ArraySource(zarr.open_array(str(p), mode="r"), name=str(p))
-                src.url = str(p)
+                src.url = str(p.absolute())
                 return src
             return FrameStore.open(p)
         raise StoreError(f"{p}: not a frame store, .npy file or Zarr array")
