@@ -396,3 +396,29 @@ def test_pruned_working_set_is_what_it_allocates_and_bounded():
     path, score, vst, vinfo = viterbi_pruned(le, su, stay, nxt, skip, 20.0)
     assert vst == 0 and vinfo[0] < T * S / 20  # one byte per kept state-frame + O(T + S)
     assert np.abs(path - truth).mean() < 1.0
+
+
+def test_pruned_underflow_is_status_2_and_the_aligner_redoes_it_in_the_log_domain():
+    """A frame whose every emission is subnormal relative to the frame scale: status 2 (not 'no path'); the
+    aligner's lattice helper then runs the exact log-domain kernel and gets its answer."""
+    from types import SimpleNamespace
+
+    from streamq.align import _lattice_posteriors
+
+    rng = np.random.default_rng(2)
+    T, S = 30, 5
+    le = rng.normal(size=(T, S))
+    le[10] -= 740.0  # exp(-740) ~ 4e-322: subnormal in the linear domain
+    su = np.arange(S, dtype=np.int64)
+    stay, nxt, skip = random_chain(rng, S, False)
+    P = np.exp(le)
+    assert forward_backward_pruned(P, su, stay, nxt, skip, S, np.inf, 0, NOPATH)[3] == 2
+    g, ll, xi, _ = forward_backward(np.log(P), su, stay, nxt, skip)  # P's subnormals hold few bits
+    est = SimpleNamespace(beam=None, retry_beam=None)
+    occ, ll2, xi2, pp, used = _lattice_posteriors(est, P, np.zeros(T), su, S, stay, nxt, skip)
+    assert used and ll2 == pytest.approx(ll, rel=1e-9)
+    np.testing.assert_allclose(occ, g, atol=1e-9)
+    # zero emissions everywhere at a frame: no path at all (status 1)
+    P0 = np.exp(rng.normal(size=(T, S)))
+    P0[12] = 0.0
+    assert forward_backward_pruned(P0, su, stay, nxt, skip, S, np.inf, 0, NOPATH)[3] == 1
