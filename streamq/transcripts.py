@@ -53,7 +53,9 @@ class Chain:
     ``units`` (S,) global unit id of each state; ``stay_scale`` etc. are built per self-loop p by
     :meth:`transitions`. ``char_of`` (S,) index of the character a state belongs to (-1: silence),
     ``chars`` list of (label, word index), ``words`` list of labels, ``pre_pause`` (S,) bool: the
-    state is followed by an optional pause.
+    state is followed by an optional pause; ``inner_skip`` (S,) bool: the state may skip the next one
+    inside its character (the first state of a character of 3 or more states, with probability
+    ``char_skip`` of leaving it), so a character takes at least ``states_per_symbol - 1`` frames.
     """
 
     units: np.ndarray
@@ -63,6 +65,8 @@ class Chain:
     words: list
     n_required: int
     n_optional: int
+    inner_skip: np.ndarray = None
+    char_skip: float = 0.0
 
     @property
     def n_states(self) -> int:
@@ -79,6 +83,9 @@ class Chain:
         skip = np.zeros(S)
         nxt[self.pre_pause] = (1.0 - p) * pause_prob
         skip[self.pre_pause] = (1.0 - p) * (1.0 - pause_prob)
+        if self.char_skip > 0 and self.inner_skip is not None:
+            nxt[self.inner_skip] = (1.0 - p) * (1.0 - self.char_skip)
+            skip[self.inner_skip] = (1.0 - p) * self.char_skip
         stay[-1], nxt[-1] = 1.0, 0.0  # the final state absorbs (paths end there)
         return stay, nxt, skip
 
@@ -106,11 +113,12 @@ class Inventory:
             out += [c if self.states_per_symbol == 1 else f"{c}{j}" for j in range(self.states_per_symbol)]
         return out
 
-    def chain(self, transcript: str) -> Chain:
-        """The chain of ``transcript``; raises ValueError for a symbol not in the inventory."""
+    def chain(self, transcript: str, char_skip: float = 0.0) -> Chain:
+        """The chain of ``transcript``; raises ValueError for a symbol not in the inventory. ``char_skip``:
+        probability that a character's first state skips its second (characters of >= 3 states)."""
         words = normalise(transcript)
         k = self.states_per_symbol
-        units, char_of, pre_pause, chars = [0], [-1], [False], []
+        units, char_of, pre_pause, chars, inner = [0], [-1], [False], [], [False]
         n_opt = 0
         for wi, w in enumerate(words):
             if wi > 0:  # optional pause between words
@@ -127,9 +135,14 @@ class Inventory:
                     units.append(base + j)
                     char_of.append(len(chars))
                     pre_pause.append(False)
+                    inner.append(j == 0 and k >= 3 and char_skip > 0)
                 chars.append((ch, wi))
+            if wi > 0:
+                inner.insert(len(inner) - k * len(w), False)  # the pause state before the word
         units.append(0)
         char_of.append(-1)
         pre_pause.append(False)
+        inner.append(False)
+        skips = sum(inner)
         return Chain(np.array(units, np.int64), np.array(char_of, np.int64), np.array(pre_pause, bool),
-                     chars, words, len(units) - n_opt, n_opt)
+                     chars, words, len(units) - n_opt - skips, n_opt, np.array(inner, bool), float(char_skip))

@@ -278,3 +278,14 @@ def test_run_align_bad_input(store_and_models, tmp_path):
         run_align(tmp_path / "nostore", root / "gmm", tmp_path / "o", iters=1, verbose=0)
     with pytest.raises(ValueError, match="states_per_symbol"):
         run_align(root / "store", root / "gmm", tmp_path / "o", iters=1, states_per_symbol=0, verbose=0)
+
+
+def test_char_skip_lets_a_character_take_one_frame_less():
+    inv = Inventory.from_transcripts(["ab c"], 3)
+    plain, skipping = inv.chain("ab c"), inv.chain("ab c", char_skip=0.3)
+    assert skipping.n_required == plain.n_required - 3  # one state less per character
+    stay, nxt, skip = skipping.transitions(0.6, 0.5)
+    first = np.flatnonzero(skipping.inner_skip)
+    assert list(skipping.char_of[first]) == [0, 1, 2]
+    np.testing.assert_allclose(skip[first], 0.4 * 0.3)
+    np.testing.assert_allclose(stay + nxt + skip, 1.0)
