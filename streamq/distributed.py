@@ -282,6 +282,34 @@ def thread_budget(client) -> dict:
     return budget
 
 
+def _blocks(src, a, b, batch):
+    """(start, frames) of ``src`` over [a, b) in ``batch``-frame reads, each checked for NaN / inf, the next
+    read running in a background thread while the caller computes (as ``iter_minibatches`` does locally)."""
+    import concurrent.futures
+
+    def load(p):
+        X = src.read(p, min(p + batch, b))
+        src._check_finite(X, p)
+        return X
+
+    starts = list(range(a, b, batch))
+    if not starts:
+        return
+    with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
+        nxt = pool.submit(load, starts[0])
+        for j, p in enumerate(starts):
+            X = nxt.result()
+            if j + 1 < len(starts):
+                nxt = pool.submit(load, starts[j + 1])
+            yield p, X
+
+
+def _chunk_batch(source, batch):
+    """A read size of whole storage chunks near ``batch`` frames (no chunk decoded twice)."""
+    c = source.chunk_frames
+    return c * max(1, int(round(batch / c)))
+
+
 def source_url(source) -> str | None:
     """A path or URL from which a worker can reopen ``source``, or None (an in-memory array)."""
     from .store import FrameStore
@@ -308,10 +336,8 @@ def _lloyd_part(url, n_frames, a, b, C, exclude, batch, budget):
     K, D = C.shape
     counts, sums, sse, frames = np.zeros(K), np.zeros((K, D)), np.zeros(K), 0
     with _task_threads(budget):
-        for s in range(a, b, batch):
-            e = min(s + batch, b)
-            X = src.read(s, e)
-            src._check_finite(X, s)
+        for s, X in _blocks(src, a, b, batch):
+            e = s + len(X)
             if exclude is not None and len(exclude):
                 lo, hi = np.searchsorted(exclude, [s, e])
                 if hi > lo:
@@ -344,7 +370,8 @@ def lloyd_stats(client, source, C, exclude=None, batch_size: int = 65536, verbos
         if ex is not None:
             lo, hi = np.searchsorted(ex, [a, b])
             part_ex = ex[lo:hi]
-        parts.append(client.submit(_lloyd_part, url, source.n_frames, a, b, C, part_ex, int(batch_size), budget,
+        parts.append(client.submit(_lloyd_part, url, source.n_frames, a, b, C, part_ex,
+                                   _chunk_batch(source, batch_size), budget,
                                    pure=False, key=f"streamq-lloyd-{a}-{_token()}"))
     counts, sums, sse, frames = _reduce_with_bar(client, parts, [b - a for a, b in ranges], "Lloyd pass (dask)",
                                                  verbose)
@@ -359,9 +386,7 @@ def _init_part(url, n_frames, a, b, C, shift, batch, budget):
     K, D = C.shape
     n, f, s = np.zeros(K), np.zeros((K, D)), np.zeros((K, D))
     with _task_threads(budget):
-        for p in range(a, b, batch):
-            X = src.read(p, min(p + batch, b))
-            src._check_finite(X, p)
+        for _, X in _blocks(src, a, b, batch):
             labels, _ = assign(X, C)
             st = cluster_stats(X, labels, K, shift=shift)
             n += st.counts
@@ -376,8 +401,8 @@ def codebook_stats(client, source, C, shift, batch_size: int = 65536, verbose: i
     url = _url_or_none(source, "the GMM initialisation pass")
     if url is None:
         return None
-    batch = int(batch_size)
-    ranges = partition(source.n_frames, batch)
+    batch = _chunk_batch(source, batch_size)  # hard assignments: any batching gives the same sums to rounding
+    ranges = partition(source.n_frames, source.chunk_frames)
     budget = thread_budget(client)
     model = _model(client, (np.ascontiguousarray(C, np.float32), np.asarray(shift, np.float64)))
     parts = [client.submit(_init_part_m, url, source.n_frames, a, b, model, batch, budget, pure=False,
@@ -400,9 +425,7 @@ def _gmm_part(url, n_frames, a, b, model, batch, budget):
     src = _open(url, n_frames)
     tot, frames, n, f, s = 0.0, 0, 0.0, 0.0, 0.0
     with _task_threads(budget), threadpool_limits(1, user_api="blas"):
-        for p in range(a, b, batch):
-            X = src.read(p, min(p + batch, b))
-            src._check_finite(X, p)
+        for _, X in _blocks(src, a, b, batch):
             t, bn, bf, bs = fn(X, *args)
             tot += t
             n = n + bn
@@ -442,10 +465,8 @@ def _quantise_part(url, n_frames, a, b, C, out, batch, budget):
     lab, d2a = g["labels"], g["d2"]
     loss = 0.0
     with _task_threads(budget):
-        for p in range(a, b, batch):
-            e = min(p + batch, b)
-            X = src.read(p, e)
-            src._check_finite(X, p)
+        for p, X in _blocks(src, a, b, batch):
+            e = p + len(X)
             labels, d2 = assign(X, C)
             lab[p:e] = labels.astype(np.int32)
             d2a[p:e] = d2
