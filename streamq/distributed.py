@@ -73,37 +73,52 @@ def connect(scheduler: str | None = None, workers: int | None = None, timeout: f
         yield None
         return
     _require()
+    import logging
+
     import dask
     from distributed import Client, LocalCluster
 
-    with dask.config.set({"distributed.comm.timeouts.connect": f"{timeout}s"}):
-        if scheduler is not None:
-            try:
-                if str(scheduler).endswith(".json"):
-                    client = Client(scheduler_file=str(scheduler), timeout=timeout)
-                else:
-                    client = Client(str(scheduler), timeout=timeout)
-            except (OSError, TimeoutError, ValueError) as e:
-                msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-                raise DistributedError(f"{scheduler}: cannot reach the Dask scheduler ({msg}); start one with "
-                                       "`dask scheduler` or use --workers N for a local cluster") from None
-            try:
-                yield client
-            finally:
-                client.close()
-            return
-        if int(workers) < 1:
-            raise DistributedError(f"workers must be >= 1, got {workers}")
-        import logging
+    quiet = {name: logging.getLogger(name) for name in ("distributed", "tornado", "bokeh")}
+    levels = {name: lg.level for name, lg in quiet.items()}
+    for lg in quiet.values():  # Dask's INFO lines (scheduler, nannies, workers) would drown streamq's own
+        lg.setLevel(logging.WARNING)
+    try:
+        with dask.config.set({"distributed.comm.timeouts.connect": f"{timeout}s"}):
+            yield from _connected(Client, LocalCluster, scheduler, workers, timeout, threads_per_worker)
+    finally:
+        for name, lg in quiet.items():
+            lg.setLevel(levels[name])
 
-        cluster = LocalCluster(n_workers=int(workers), threads_per_worker=int(threads_per_worker), processes=True,
-                               dashboard_address=None, silence_logs=logging.ERROR)
-        client = Client(cluster)
+
+def _connected(Client, LocalCluster, scheduler, workers, timeout, threads_per_worker):
+    """Yield the client (and the local cluster behind it) and close them afterwards."""
+    if scheduler is not None:
+        try:
+            if str(scheduler).endswith(".json"):
+                client = Client(scheduler_file=str(scheduler), timeout=timeout)
+            else:
+                client = Client(str(scheduler), timeout=timeout)
+        except (OSError, TimeoutError, ValueError) as e:
+            msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise DistributedError(f"{scheduler}: cannot reach the Dask scheduler ({msg}); start one with "
+                                   "`dask scheduler` or use --workers N for a local cluster") from None
         try:
             yield client
         finally:
             client.close()
-            cluster.close()
+        return
+    if int(workers) < 1:
+        raise DistributedError(f"workers must be >= 1, got {workers}")
+    import logging
+
+    cluster = LocalCluster(n_workers=int(workers), threads_per_worker=int(threads_per_worker), processes=True,
+                           dashboard_address=None, silence_logs=logging.ERROR)
+    client = Client(cluster)
+    try:
+        yield client
+    finally:
+        client.close()
+        cluster.close()
 
 
 # ------------------------------------------------------------------------------------- ranges, reduce
