@@ -57,6 +57,28 @@ def _require():
         raise DistributedError("--scheduler / --workers need dask.distributed: pip install 'streamq[dask]'") from None
 
 
+_SHARED = {}
+
+
+def shared(client):
+    """``client`` made to copy as itself (``copy.copy`` / ``copy.deepcopy`` return it), so that
+    scikit-learn's ``clone`` of an estimator holding it — which deep-copies every parameter — shares the
+    cluster connection instead of failing on it. :func:`connect` already yields such a client. Returns
+    ``client`` (None stays None)."""
+    if client is None or getattr(type(client), "_streamq_shared", False):
+        return client
+    base = type(client)
+    cls = _SHARED.get(base)
+    if cls is None:
+        cls = type(f"Shared{base.__name__}", (base,), {"_streamq_shared": True,
+                                                       "__copy__": lambda self: self,
+                                                       "__deepcopy__": lambda self, memo: self,
+                                                       "__module__": __name__})
+        _SHARED[base] = cls
+    client.__class__ = cls
+    return client
+
+
 @contextlib.contextmanager
 def connect(scheduler: str | None = None, workers: int | None = None, timeout: float = CONNECT_TIMEOUT,
             threads_per_worker: int = 1):
@@ -65,7 +87,7 @@ def connect(scheduler: str | None = None, workers: int | None = None, timeout: f
     ``scheduler``: the address of a running scheduler (``tcp://host:8786``, or a scheduler file path ending in
     ``.json``); ``workers``: start a :class:`~dask.distributed.LocalCluster` of that many worker processes
     (``threads_per_worker`` threads each). An unreachable scheduler raises :class:`DistributedError` after
-    ``timeout`` seconds.
+    ``timeout`` seconds. The client is :func:`shared` (estimators holding it can be cloned).
     """
     if scheduler is not None and workers is not None:
         raise DistributedError("give either a scheduler address or a number of workers, not both")
@@ -103,7 +125,7 @@ def _connected(Client, LocalCluster, scheduler, workers, timeout, threads_per_wo
             raise DistributedError(f"{scheduler}: cannot reach the Dask scheduler ({msg}); start one with "
                                    "`dask scheduler` or use --workers N for a local cluster") from None
         try:
-            yield client
+            yield shared(client)
         finally:
             client.close()
         return
@@ -115,7 +137,7 @@ def _connected(Client, LocalCluster, scheduler, workers, timeout, threads_per_wo
                            dashboard_address=None, silence_logs=logging.ERROR)
     client = Client(cluster)
     try:
-        yield client
+        yield shared(client)
     finally:
         client.close()
         cluster.close()
@@ -703,6 +725,6 @@ def align_decode(client, aligner, corpus, indices, posteriors=()):
     return gen()
 
 
-__all__ = ["DistributedError", "connect", "partition", "tree_submit", "tree_reduce", "tree_sum", "thread_budget",
+__all__ = ["DistributedError", "connect", "shared", "partition", "tree_submit", "tree_reduce", "tree_sum", "thread_budget",
            "source_url", "lloyd_stats", "codebook_stats", "gmm_stats", "quantise", "utterance_groups",
            "align_statistics", "local_align_statistics", "align_decode", "ordered_map", "PART_FRAMES", "MIN_PARTS"]

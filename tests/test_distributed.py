@@ -121,6 +121,17 @@ def test_partition_is_a_function_of_the_data_only():
     assert sum(g, []) == [0, 1, 2, 3, 5] and [1] in g
 
 
+def test_estimators_holding_a_client_clone_with_it(client):
+    from sklearn.base import clone
+
+    c = dd.shared(client)
+    assert c is client and dd.shared(c) is c and dd.shared(None) is None
+    for est in (LBG(4, client=c), DiagGMM(3, client=c), Aligner(np.zeros((2, 2)), client=c)):
+        cl = clone(est)
+        assert cl is not est and cl.get_params()["client"] is c
+    assert c.submit(sum, [1, 2]).result() == 3  # still the same working client
+
+
 def test_unreachable_scheduler_is_one_line(tmp_path):
     t = time.monotonic()
     with pytest.raises(dd.DistributedError, match=r"tcp://127\.0\.0\.1:9: cannot reach the Dask scheduler") as e:
