@@ -264,8 +264,12 @@ class Aligner(BaseEstimator):
     update_transitions : bool, re-estimate each utterance's self-loop probability in the M-step.
     char_skip : float in [0, 1), probability that a character's first state skips its second (3 or more
         states per symbol): a character may then take states_per_symbol - 1 frames (silent letters).
-    weight_prior : float, Dirichlet pseudo-count (in frames) pulling each unit's weights towards
-        the model's global weights; 0 gives plain maximum-likelihood EM.
+    weight_prior : float or "auto", Dirichlet pseudo-count (in frames) pulling each unit's weights towards
+        the model's global weights; 0 gives plain maximum-likelihood EM. "auto" (default): K / 4, so that
+        each Gaussian gets the same smoothing whatever K is (a unit's K weights share the pseudo-count).
+        Measured on a 203-clip corpus of 19 espeak and MBROLA voices (48 kHz MP3, noise floor), 3 seeds,
+        share of word boundaries within 50 ms: K = 1024: 93.0 % with 1, 94.0 % with 100, 94.6 % with
+        300; K = 256: 94.5 % with 1, 94.6 % with 25, 94.5 % with 100 (scripts/eval_alignment.py).
     n_jobs : int, threads over utterances (kernels release the GIL).
     cache_mb : float, keep per-frame Gaussian likelihoods in memory between iterations up to this size
         (MiB); utterances that do not fit are recomputed every iteration. Sparse entries take
@@ -301,7 +305,7 @@ class Aligner(BaseEstimator):
     """
 
     def __init__(self, model=None, states_per_symbol=3, max_iter=30, pause_prob=0.5, self_loop_floor=0.1,
-                 self_loop=None, update_transitions=False, weight_prior=1.0, char_skip=0.0, n_jobs=1, cache_mb=512.0,
+                 self_loop=None, update_transitions=False, weight_prior="auto", char_skip=0.0, n_jobs=1, cache_mb=512.0,
                  gselect=16, beam=DEFAULT_BEAM, retry_beam=DEFAULT_RETRY_BEAM, trace=(),
                  verbose=0, client=None):
         self.client = client
@@ -338,8 +342,9 @@ class Aligner(BaseEstimator):
             raise ValueError(f"self_loop must be in [0, 1), got {self.self_loop}")
         if not 0.0 <= self.char_skip < 1.0:
             raise ValueError(f"char_skip must be in [0, 1), got {self.char_skip}")
-        if self.weight_prior < 0:
-            raise ValueError(f"weight_prior must be >= 0, got {self.weight_prior}")
+        if self.weight_prior != "auto" and not (isinstance(self.weight_prior, (int, float))
+                                                 and np.isfinite(self.weight_prior) and self.weight_prior >= 0):
+            raise ValueError(f"weight_prior must be 'auto' or a number >= 0, got {self.weight_prior!r}")
         if int(self.n_jobs) < 1:
             raise ValueError(f"n_jobs must be >= 1, got {self.n_jobs}")
         if self.gselect is not None and int(self.gselect) < 1:
@@ -359,6 +364,8 @@ class Aligner(BaseEstimator):
         if isinstance(m, np.ndarray):
             m = gaussians_from_codebook(m, corpus, verbose=self.verbose, client=self.client)
         self.gaussians_ = Gaussians.of(m)
+        K = self.gaussians_.n_components
+        self.prior_strength_ = K / 4.0 if self.weight_prior == "auto" else float(self.weight_prior)
         if self.gaussians_.dim != corpus.dim:
             raise ValueError(f"model has dimension {self.gaussians_.dim}, frames have {corpus.dim}")
         self.inventory_ = Inventory.from_transcripts(corpus.transcripts, self.states_per_symbol)
@@ -510,7 +517,7 @@ class Aligner(BaseEstimator):
         if callback is not None:
             callback(0, self)
         K = self.gaussians_.n_components
-        prior = self.weight_prior * self.gaussians_.weights
+        prior = self.prior_strength_ * self.gaussians_.weights
         self.traces_ = {i: {"posteriors": [], "paths": [], "loglik": []} for i in self.trace
                         if 0 <= i < corpus.n and self.chains_[i] is not None}
         with bar(self.max_iter, "align EM", "iter", not self.verbose) as pb:

@@ -120,10 +120,12 @@ def cmd_gmm(a):
 def cmd_align(a):
     from .pipelines import run_align
 
+    prior = a.weight_prior if a.weight_prior == "auto" else float(a.weight_prior)
     with _client(a) as client:
         s = run_align(a.store, a.model, a.out, iters=a.iters, jobs=a.jobs, plots=a.plot, verbose=int(not a.quiet),
                       states_per_symbol=a.states_per_symbol, formats=[f for f in a.format.split(",") if f],
-                      client=client)
+                      client=client, gselect=a.gselect or None, beam=a.beam or None,
+                      retry_beam=a.retry_beam or None, weight_prior=prior)
     print(f"{s['out']}: aligned {s['aligned']} of {s['utterances']} utterances ({s['aligned_hours']:.3f} h) in "
           f"{s['iterations']} EM iterations, log-likelihood {s['loglik_per_frame']:.4f} per frame, "
           f"{s['seconds']:.1f} s; {s['unaligned']} unaligned (see unaligned.tsv), {s['flagged']} flagged "
@@ -330,6 +332,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--plot", type=int, default=0,
                    help="pictures and EM traces for the first N alignable utterances (default 0)")
     p.add_argument("--states-per-symbol", type=_positive_int, default=3, help="HMM states per character (default 3)")
+    p.add_argument("--gselect", type=int, default=16,
+                   help="each frame's top-n Gaussians, found once and reused by every EM iteration; 0: exact, all "
+                   "K (default 16)")
+    p.add_argument("--beam", type=float, default=100.0,
+                   help="lattice beam in nats below the best partial path; 0: no pruning (default 100)")
+    p.add_argument("--retry-beam", type=float, default=400.0,
+                   help="beam of the retry for an utterance with no path inside --beam (default 400)")
+    p.add_argument("--weight-prior", default="auto",
+                   help="Dirichlet pseudo-count pulling each unit's mixture weights to the global weights, in frames; "
+                   "auto = K/4 (default auto)")
     p.add_argument("--format", default="textgrid",
                    help="per-utterance files, comma-separated: textgrid (long), short-textgrid, json (MFA / praatio), "
                    "csv (MFA); words.ctm, chars.ctm and alignment_analysis.csv are always written (default textgrid)")

@@ -98,8 +98,21 @@ def safe_name(s: str) -> str:
     return re.sub(r"[^\w.\-]+", "_", s).strip("._") or "utt"
 
 
+VITERBI_LAG = 0.25  # frames: how late, on average, the Viterbi path enters the next character (measured)
+
+
 def frame_time_offset(feature_config: dict) -> float:
-    """Seconds to add to ``t * step`` to get the boundary before frame t: half of (window - step)."""
+    """Seconds to add to ``t * step`` to get the boundary before frame t.
+
+    Frame t covers [t step, t step + window), so the midpoint between the centres of frames t - 1 and t is
+    t step + (window - step) / 2. The self-loop HMM's Viterbi path enters a character a fraction of a frame
+    late on average (the first frame of a sound must already be more likely under it), so a quarter of a
+    step is taken off: measured on the bundled espeak corpus and a 203-clip espeak + MBROLA corpus at K = 256
+    and 1024, 3 seeds each, the signed median boundary error fell from +2..+5 ms to -0.3..+2.3 ms and the
+    share within 20 ms rose by 1.1 to 2.3 points (scripts/eval_alignment.py).
+    """
     win = feature_config.get("winlen")
-    step = feature_config.get("winstep", 0.01)
-    return max(0.0, (float(win) - float(step)) / 2) if win else 0.0
+    step = float(feature_config.get("winstep", 0.01))
+    if not win:
+        return 0.0
+    return max(0.0, (float(win) - step) / 2 - VITERBI_LAG * step)

@@ -198,9 +198,9 @@ def test_run_align_outputs(store_and_models, kind):
     u0 = [w for w in words if w[0] == "u00"]
     assert [w[4] for w in u0] == ["abc", "de"] and all(w[1] == "1" for w in u0)
     assert all(0 < float(w[5]) <= 1.0001 for w in words)  # confidence: mean posterior of the path's states
-    # times: frame boundary t -> t * 0.01 + 0.0075 (half of window - step)
+    # times: frame boundary t -> t * 0.01 + 0.005 (half of window - step, less a quarter frame of Viterbi lag)
     starts = np.array([float(w[2]) for w in u0])
-    true_starts = np.array([a for a, _, _ in truth[0]]) * 0.01 + 0.0075
+    true_starts = np.array([a for a, _, _ in truth[0]]) * 0.01 + 0.005
     assert np.abs(starts - true_starts).max() <= 0.0301
     chars = (out / "chars.ctm").read_text().splitlines()
     assert sum(ln.startswith("u00 ") for ln in chars) == 5
@@ -289,3 +289,11 @@ def test_char_skip_lets_a_character_take_one_frame_less():
     assert list(skipping.char_of[first]) == [0, 1, 2]
     np.testing.assert_allclose(skip[first], 0.4 * 0.3)
     np.testing.assert_allclose(stay + nxt + skip, 1.0)
+
+
+def test_frame_time_offset_convention():
+    from streamq.formats import frame_time_offset
+
+    assert frame_time_offset({"winlen": 0.025, "winstep": 0.01}) == pytest.approx(0.005)
+    assert frame_time_offset({"winlen": 0.025, "winstep": 0.005}) == pytest.approx(0.00875)
+    assert frame_time_offset({}) == 0.0
