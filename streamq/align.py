@@ -90,13 +90,15 @@ ANALYSIS_FIELDS = ["id", "speaker", "frames", "seconds", "loglik_per_frame", "lo
                    "mean_word_confidence", "min_word_confidence", "flagged", "reasons"]
 
 
-def analyse_alignments(alignments, speakers=None, frame_step=0.01, squeeze_margin=2, z_flag=3.0) -> list[dict]:
+def analyse_alignments(alignments, speakers=None, frame_step=0.01, squeeze_margin=0, z_flag=4.0) -> list[dict]:
     """A per-utterance quality report (the columns of MFA's ``alignment_analysis.csv`` and more).
 
     Corpus norms: the median and MAD-based spread of the per-frame log-likelihood over utterances, and the
     mean and standard deviation of log character durations over every character of the corpus. An
-    utterance is flagged when a word got fewer frames than its states + ``squeeze_margin`` (a word squeezed
-    into the minimum the HMM allows: a sign the transcript does not match the audio), its log-likelihood is
+    utterance is flagged when a word got no more frames than its states + ``squeeze_margin`` (a word squeezed
+    into the minimum the HMM allows: a sign the transcript does not match the audio; flagged for a word of 4 or
+    more characters or for 3 or more words, since short words at their minimum are ordinary fast speech), its
+    log-likelihood is
     more than ``z_flag`` robust standard deviations below the corpus median, a character is longer than
     ``z_flag`` standard deviations above the norm, or more than 90 % of it is silence. Returns one dict per
     alignment (ANALYSIS_FIELDS), in order.
@@ -115,13 +117,15 @@ def analyse_alignments(alignments, speakers=None, frame_step=0.01, squeeze_margi
         T = a.n_frames
         cd = np.array([b - s for s, b, _ in a.chars], np.float64)
         sil = T - int(cd.sum())
-        squeezed = sum(1 for (s, b, _), n in zip(a.words, a.word_states) if b - s < n + squeeze_margin)
+        sq = [w for (s, b, w), n in zip(a.words, a.word_states) if b - s <= n + squeeze_margin]
+        squeezed = len(sq)
+        long_sq = [w for w in sq if len(w) >= 4]  # short words (a, the) at their minimum are ordinary fast speech
         lz = (a.loglik_per_frame - med) / mad
         zmin = (np.log(max(cd.min(), 1)) - mu) / sd if len(cd) else 0.0
         zmax = (np.log(max(cd.max(), 1)) - mu) / sd if len(cd) else 0.0
         reasons = []
-        if squeezed:
-            reasons.append(f"{squeezed} word(s) squeezed into their minimum frames")
+        if long_sq or squeezed >= 3:
+            reasons.append(f"{squeezed} word(s) squeezed into their minimum frames ({', '.join((long_sq or sq)[:3])})")
         if lz < -z_flag:
             reasons.append(f"log-likelihood {lz:.1f} robust sd below the corpus median")
         if zmax > z_flag:
