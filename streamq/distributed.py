@@ -326,7 +326,7 @@ def _blocks(src, a, b, batch):
 
     def load(p):
         X = src.read(p, min(p + batch, b))
-        src._check_finite(X, p)
+        src.check_finite(X, p)
         return X
 
     starts = list(range(a, b, batch))

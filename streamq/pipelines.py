@@ -399,7 +399,7 @@ def run_quantise(store, codebook_dir, out, batch_size=65536, verbose=1, client=N
         with bar(src.n_frames, "quantise", "frame", not verbose or not local) as pb:
             for a in (range(0, src.n_frames, B) if local else ()):
                 X = src.read(a, min(a + B, src.n_frames))
-                src._check_finite(X, a)
+                src.check_finite(X, a)
                 labels, d2 = assign(X, C)
                 lab[a:a + len(X)] = labels.astype(np.int32)
                 d2a[a:a + len(X)] = d2

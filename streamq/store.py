@@ -138,7 +138,8 @@ class FrameSource:
         c = self.chunk_frames
         return [(s, min(s + c, self.n_frames)) for s in range(0, self.n_frames, c)]
 
-    def _check_finite(self, x: np.ndarray, start: int) -> None:
+    def check_finite(self, x: np.ndarray, start: int) -> None:
+        """Raise StoreError naming the rows of ``x`` (frames ``start``, ``start + 1``, ...) that hold NaN or inf."""
         if np.isfinite(x.sum(dtype=np.float64)):  # fast path: a float64 sum of float32 frames cannot overflow
             return
         ok = np.isfinite(x).all(axis=1)
@@ -178,7 +179,7 @@ class FrameSource:
             parts = [self.read(a, b) for a, b in windows[w]]
             if check_finite:
                 for (a, _), p in zip(windows[w], parts):
-                    self._check_finite(p, a)
+                    self.check_finite(p, a)
             if exclude is not None:
                 for i, (a, b) in enumerate(windows[w]):
                     lo, hi = np.searchsorted(exclude, [a, b])
@@ -230,7 +231,7 @@ class FrameSource:
             hi = np.searchsorted(idx, b)
             if hi > done:
                 block = self.read(a, b)
-                self._check_finite(block, a)
+                self.check_finite(block, a)
                 out[done:hi] = block[idx[done:hi] - a]
                 done = hi
         return out
