@@ -193,6 +193,24 @@ def _accumulate(acc, rows, counts):
         acc[rows] += counts
 
 
+def sum_e_steps(results, shape, lengths):
+    """Sum per-utterance E-step results ``(i, loglik, units, counts, self_loop, used_log)`` in their order:
+    ``(acc float64 shape, loglik, frames, log fallbacks, aligned, {i: self_loop})``. The one summation of the
+    aligner's EM statistics, locally and in each Dask task (the same order gives the same bits)."""
+    acc = np.zeros(shape)
+    total, frames, fallbacks, aligned, loops = 0.0, 0, 0, 0, {}
+    for i, ll, units, counts, loop, used_log in results:
+        fallbacks += used_log
+        if units is None:
+            continue
+        aligned += 1
+        total += ll
+        frames += int(lengths[i])
+        _accumulate(acc, units, counts)
+        loops[i] = loop
+    return acc, total, frames, fallbacks, aligned, loops
+
+
 def _fail(est, i, reason):
     r = getattr(est, "_fail_reasons", None)
     if r is not None:
@@ -527,26 +545,15 @@ class Aligner(BaseEstimator):
         with bar(self.max_iter, "align EM", "iter", not self.verbose) as pb:
             for it in range(1, self.max_iter + 1):
                 t0 = time.perf_counter()
-                acc = np.zeros((self.inventory_.n_units, K))
-                total, frames, fallbacks, aligned = 0.0, 0, 0, 0
-                new_loops = {}
                 dist = None
                 if self.client is not None:  # the same statistics over utterance groups on Dask
                     from .distributed import align_statistics
 
                     dist = align_statistics(self.client, self, corpus, todo, self.verbose)
-                if dist is not None:
-                    acc, total, frames, fallbacks, aligned, new_loops = dist
-                for i, ll, units, counts, loop, used_log in (() if dist is not None else
-                                                             self._map(self._e_step, corpus, todo)):
-                    fallbacks += used_log
-                    if units is None:
-                        continue
-                    aligned += 1
-                    total += ll
-                    frames += int(corpus.lengths[i])
-                    _accumulate(acc, units, counts)
-                    new_loops[i] = loop
+                if dist is None:
+                    dist = sum_e_steps(self._map(self._e_step, corpus, todo), (self.inventory_.n_units, K),
+                                       corpus.lengths)
+                acc, total, frames, fallbacks, aligned, new_loops = dist
                 bad = [i for i in todo if i not in new_loops]
                 for i in bad:
                     self.unaligned_[i] = self._fail_reasons.get(i, NO_PATH)

@@ -577,24 +577,11 @@ def _aligner_on_worker(shared, local):
 def _group_statistics(al, corpus, idx):
     """EM statistics of the utterances ``idx`` (one group), summed from zero in order: (acc (n_units, K),
     loglik, frames, fallbacks, aligned, loops, failure reasons, [lattice stats])."""
-    try:
-        from .align import _accumulate
-    except ImportError:  # an aligner without the scatter kernel
-        def _accumulate(acc, rows, counts):
-            acc[rows] += counts
-    acc = np.zeros(np.shape(al.unit_weights_))
-    total, frames, fallbacks, aligned, loops = 0.0, 0, 0, 0, {}
-    for blk in corpus.iter_blocks(idx):
-        for i, X in blk:
-            i, ll, rows, counts, loop, used_log = al._e_step(i, X)
-            fallbacks += used_log
-            if rows is None:
-                continue
-            aligned += 1
-            total += ll
-            frames += int(corpus.lengths[i])
-            _accumulate(acc, rows, counts)
-            loops[i] = loop
+    from .align import sum_e_steps
+
+    acc, total, frames, fallbacks, aligned, loops = sum_e_steps(
+        (al._e_step(i, X) for blk in corpus.iter_blocks(idx) for i, X in blk), np.shape(al.unit_weights_),
+        corpus.lengths)
     return (acc, total, frames, fallbacks, aligned, loops, dict(getattr(al, "_fail_reasons", {})),
             [dict(getattr(al, "lattice_stats_", {}))])
 
