@@ -37,6 +37,7 @@ from .artifacts import ArtifactError, check_codebook, load_npz, save_npz
 from .kernels.assign import assign, cluster_stats
 from .kernels.lloyd import dead_codewords, ema_update, repair_dead, split
 from .inputs import float32, frames, training_source
+from .selection import GROUPED_FROM_K, codeword_groups, regroup_codewords
 from .progress import bar, log
 
 METRIC_COLUMNS = ["method", "stage", "step", "k", "frames_seen", "wall_seconds", "loss", "entropy", "log_k",
@@ -48,14 +49,14 @@ def _derive(*keys) -> int:
     return int(np.random.SeedSequence([int(k) & 0xFFFFFFFF for k in keys]).generate_state(2, np.uint64)[0] >> 1)
 
 
-def evaluate(C: np.ndarray, X: np.ndarray) -> dict:
-    """Quantisation metrics of codebook ``C`` (K, D) on frames ``X`` (n, D).
+def evaluate(C: np.ndarray, X: np.ndarray, group_of=None) -> dict:
+    """Quantisation metrics of codebook ``C`` (K, D) on frames ``X`` (n, D) (``group_of``: as :func:`assign`).
 
     loss: mean squared error per frame; entropy: usage entropy in nats (max log K); utilisation: share of
     codewords used; imbalance: K·Σn_k²/n² (1 = perfectly balanced).
     """
     K = len(C)
-    labels, d2 = assign(X, C)
+    labels, d2 = assign(X, C, group_of=group_of)
     n = np.bincount(labels, minlength=K).astype(np.float64)
     p = n / n.sum()
     nz = p[p > 0]
@@ -164,9 +165,13 @@ class _Codebook(TransformerMixin, BaseEstimator):
     def _frames(self, X) -> np.ndarray:
         return frames(self, X, "codebook_")
 
+    def _groups(self):
+        """The codeword partition of the grouped exact search (None for small codebooks)."""
+        return codeword_groups(self.codebook_)
+
     def predict(self, X) -> np.ndarray:
         """Index of the nearest codeword of each row of ``X`` (n, D): int64 (n,). Ties: lowest index."""
-        return assign(self._frames(X), self.codebook_)[0].astype(np.int64)
+        return assign(self._frames(X), self.codebook_, group_of=self._groups())[0].astype(np.int64)
 
     def transform(self, X) -> np.ndarray:
         """Euclidean distance of each row of ``X`` to every codeword: float64 (n, K) (as ``KMeans.transform``)."""
@@ -185,7 +190,7 @@ class _Codebook(TransformerMixin, BaseEstimator):
 
     def score(self, X, y=None) -> float:
         """Negative mean squared quantisation error per frame (greater is better, as ``KMeans.score``)."""
-        return -evaluate(self.codebook_, self._frames(X))["loss"]
+        return -evaluate(self.codebook_, self._frames(X), self._groups())["loss"]
 
     def __sklearn_tags__(self):
         tags = super().__sklearn_tags__()
@@ -214,7 +219,7 @@ class RandomSample(_Codebook):
         self.heldout_ = exclude is not None
         self.codebook_ = _sample_excluding(source, K, _derive(self.seed, 1), exclude)
         m = evaluate(self.codebook_, H)
-        self.counts_ = np.bincount(assign(H, self.codebook_)[0], minlength=K).astype(np.float64)
+        self.counts_ = np.bincount(assign(H, self.codebook_, group_of=self._groups())[0], minlength=K).astype(np.float64)
         self.n_repaired_ = 0
         self.history_ = [{"method": "random", "stage": 0, "step": 0, "k": K, "frames_seen": K,
                           "wall_seconds": time.perf_counter() - t0, "dead": int((self.counts_ == 0).sum()),
@@ -297,10 +302,25 @@ class _Trainer(_Codebook):
             epoch, skip = epoch + 1, 0
 
     # ------------------------------------------------------------ one step
+    def _groups(self):
+        """The partition for the grouped exact search of the codebook being trained (None while K <
+        GROUPED_FROM_K): grouped afresh when K changes, then one regrouping step every 10 uses as the codewords
+        move. Only the speed depends on it, never a label."""
+        C = self.codebook_
+        if len(C) < GROUPED_FROM_K:
+            return None
+        g, uses = getattr(self, "_group_state", (None, 0))
+        if g is None or len(g) != len(C):
+            g, uses = codeword_groups(C), 0
+        elif uses >= 10:
+            g, uses = regroup_codewords(C, g), 0
+        self._group_state = (g, uses + 1)
+        return g
+
     def _step(self, X):
         C = self.codebook_
         K = len(C)
-        labels, d2 = assign(X, C)
+        labels, d2 = assign(X, C, group_of=self._groups())
         st = cluster_stats(X, labels, K, d2=d2, second_order=False)
         counts, sums, sse = st.counts, st.sums, st.sse
         self.codebook_, self.usage_ = ema_update(C, sums, counts, self.decay, self.usage_, self.usage_decay)
@@ -341,7 +361,7 @@ class _Trainer(_Codebook):
         self.n_repaired_ += int(n)
 
     def _log(self, H, **extra):
-        m = evaluate(self.codebook_, H)
+        m = evaluate(self.codebook_, H, self._groups())
         K = len(self.codebook_)
         rec = {"method": self.method, "stage": self.stage_, "step": self.step_, "k": K,
                "frames_seen": self.frames_seen_, "wall_seconds": round(self._wall(), 4),
@@ -600,9 +620,10 @@ class LBG(_Trainer):
         if stats is not None:
             counts, sums, sse, n_pass = stats
             self.frames_seen_ += n_pass
+        group_of = self._groups()
         for X in (() if stats is not None else
                   source.iter_minibatches(max(self._B, 65536), shuffle=False, exclude=self._exclude)):
-            labels, d2 = assign(X, C)
+            labels, d2 = assign(X, C, group_of=group_of)
             st = cluster_stats(X, labels, K, d2=d2, second_order=False)
             counts += st.counts
             sums += st.sums
@@ -640,7 +661,7 @@ class LBG(_Trainer):
         K = len(self.codebook_)
         max_moves = max(1, K // 8)
         for rnd in range(self.rebalance_rounds):
-            labels, d2 = assign(H, self.codebook_)
+            labels, d2 = assign(H, self.codebook_, group_of=self._groups())
             n = np.bincount(labels, minlength=K).astype(np.float64)
             sse = np.bincount(labels, weights=d2, minlength=K)
             before = float(sse.sum() / len(H))

@@ -368,6 +368,7 @@ def _url_or_none(source, what):
 def _lloyd_part(url, n_frames, a, b, C, exclude, batch, budget):
     """Hard-assignment statistics of frames [a, b) (less ``exclude``): counts, sums, sse (float64), frames."""
     from .kernels.assign import assign, cluster_stats
+    from .selection import codeword_groups
 
     src = _open(url, n_frames)
     K, D = C.shape
@@ -381,7 +382,7 @@ def _lloyd_part(url, n_frames, a, b, C, exclude, batch, budget):
                     X = np.delete(X, exclude[lo:hi] - s, axis=0)
             if not len(X):
                 continue
-            labels, d2 = assign(X, C)
+            labels, d2 = assign(X, C, group_of=codeword_groups(C))
             st = cluster_stats(X, labels, K, d2=d2, second_order=False)
             counts += st.counts
             sums += st.sums
@@ -418,13 +419,14 @@ def lloyd_stats(client, source, C, exclude=None, batch_size: int = 65536, verbos
 # ------------------------------------------------------------------------------------- GMM
 def _init_part(url, n_frames, a, b, C, shift, batch, budget):
     from .kernels.assign import assign, cluster_stats
+    from .selection import codeword_groups
 
     src = _open(url, n_frames)
     K, D = C.shape
     n, f, s = np.zeros(K), np.zeros((K, D)), np.zeros((K, D))
     with _task_threads(budget):
         for _, X in _blocks(src, a, b, batch):
-            labels, _ = assign(X, C)
+            labels, _ = assign(X, C, group_of=codeword_groups(C))
             st = cluster_stats(X, labels, K, shift=shift)
             n += st.counts
             f += st.sums
@@ -496,6 +498,7 @@ def _quantise_part(url, n_frames, a, b, C, out, batch, budget):
     import zarr
 
     from .kernels.assign import assign
+    from .selection import codeword_groups
 
     src = _open(url, n_frames)
     g = zarr.open_group(str(out), mode="r+")
@@ -504,7 +507,7 @@ def _quantise_part(url, n_frames, a, b, C, out, batch, budget):
     with _task_threads(budget):
         for p, X in _blocks(src, a, b, batch):
             e = p + len(X)
-            labels, d2 = assign(X, C)
+            labels, d2 = assign(X, C, group_of=codeword_groups(C))
             lab[p:e] = labels.astype(np.int32)
             d2a[p:e] = d2
             loss += float(d2.sum(dtype=np.float64))

@@ -44,6 +44,7 @@ from .kernels.assign import assign, cluster_stats
 from .kernels.lloyd import dead_codewords
 from .inputs import frames, training_source
 from .progress import bar, log
+from .selection import codeword_groups
 from .store import FrameSource
 
 HISTORY_FIELDS = ["iteration", "frames", "train_loglik", "heldout_loglik", "reseeded", "min_occupancy", "em_seconds",
@@ -267,8 +268,9 @@ class DiagGMM(DensityMixin, BaseEstimator):
         if stats is not None:
             n, f, s = stats
         with bar(src.n_frames, "GMM init (assign)", "frame", not self.verbose or stats is not None) as pb:
+            group_of = codeword_groups(C)
             for B in (() if stats is not None else src.iter_minibatches(self.batch_size, shuffle=False)):
-                labels, _ = assign(B, C)
+                labels, _ = assign(B, C, group_of=group_of)
                 st = cluster_stats(B, labels, K, shift=shift)
                 n += st.counts
                 f += st.sums

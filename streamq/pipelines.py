@@ -25,6 +25,7 @@ from .formats import FORMATS, csv_alignment, ctm_lines, frame_time_offset, json_
 from .gmm import HISTORY_FIELDS as GMM_FIELDS
 from .gmm import DiagGMM
 from .kernels.assign import assign
+from .selection import codeword_groups
 from .progress import bar, log
 from .store import FrameStore, StoreError, UtteranceSource, as_source
 from .transcripts import Inventory
@@ -396,11 +397,12 @@ def run_quantise(store, codebook_dir, out, batch_size=65536, verbose=1, client=N
 
             loss = quantise(client, src, C, part, batch_size, verbose)
         local, loss = loss is None, loss or 0.0
+        group_of = codeword_groups(C) if local else None
         with bar(src.n_frames, "quantise", "frame", not verbose or not local) as pb:
             for a in (range(0, src.n_frames, B) if local else ()):
                 X = src.read(a, min(a + B, src.n_frames))
                 src.check_finite(X, a)
-                labels, d2 = assign(X, C)
+                labels, d2 = assign(X, C, group_of=group_of)
                 lab[a:a + len(X)] = labels.astype(np.int32)
                 d2a[a:a + len(X)] = d2
                 loss += float(d2.sum(dtype=np.float64))

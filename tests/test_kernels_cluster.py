@@ -7,11 +7,12 @@ import pytest
 import naive
 from streamq.kernels.assign import assign, cluster_stats
 from streamq.kernels.lloyd import dead_codewords, ema_update, repair_dead, split
+from streamq.selection import GROUPED_FROM_K, codeword_groups, group_codewords, regroup_codewords
 
 
-def check_assign(X, C, rtol=1e-5, max_share=1e-3):
+def check_assign(X, C, rtol=1e-5, max_share=1e-3, group_of=None):
     """Labels equal the float64 reference except at near-ties (relative to the *centred* norms); d2 matches."""
-    lab, d2 = assign(X, C)
+    lab, d2 = assign(X, C, group_of=group_of)
     assert lab.dtype == np.int64 and d2.dtype == np.float32
     assert lab.shape == (len(X),) and d2.shape == (len(X),)
     rlab, rd2, D2 = naive.assign(X, C)
@@ -181,6 +182,97 @@ def test_assign_determinism():
 
 
 # ---------------------------------------------------------------- cluster_stats
+# -------------------------------------------------- assign by group bounds (group_of=): exact all the same
+def partitions(C, seed=0):
+    """Partitions the grouped search must be exact under: compact groups, random ones, one group, singletons."""
+    K = len(C)
+    rng = np.random.default_rng(seed)
+    return {"compact": group_codewords(C), "random": rng.integers(0, max(1, K // 7), K),
+            "one": np.zeros(K, np.int64), "singletons": np.arange(K)[::-1].copy()}
+
+
+@pytest.mark.parametrize("B,K,D", [(1, 1, 1), (7, 1, 13), (100, 3, 1), (5, 9, 2), (200, 256, 13),
+                                   (1000, 37, 39), (97, 513, 128), (3000, 2048, 13)])
+def test_assign_grouped_matches_reference_under_any_partition(B, K, D):
+    rng = np.random.default_rng(B * 1000 + K * 10 + D + 1)
+    centres = rng.standard_normal((max(1, K // 8), D)) * 4 + 2  # clustered codewords, as a trained codebook
+    C = (centres[rng.integers(0, len(centres), K)] + rng.standard_normal((K, D))).astype(np.float32)
+    X = (C[rng.integers(0, K, B)] + rng.standard_normal((B, D)) * 1.5).astype(np.float32)
+    labs = {}
+    for name, g in partitions(C).items():
+        labs[name] = check_assign(X, C, group_of=g)[0]
+    for name, lab in labs.items():  # the labels do not depend on the partition (same float32 distances)
+        npt.assert_array_equal(lab, labs["compact"], err_msg=name)
+
+
+def test_assign_grouped_ties_duplicates_and_stale_partition():
+    rng = np.random.default_rng(21)
+    base = rng.standard_normal((20, 5), dtype=np.float32)
+    C = np.concatenate([base, base, base])  # every codeword three times: the lowest index must win
+    X = np.concatenate([base, rng.standard_normal((300, 5), dtype=np.float32)])
+    for g in partitions(C).values():
+        lab, d2 = assign(X, C, group_of=g)
+        assert lab.max() < 20
+        npt.assert_array_equal(lab[:20], np.arange(20))
+        npt.assert_array_equal(d2[:20], 0)
+    # a partition made for another codebook (the codewords have since moved far): slower, still exact
+    C0 = (rng.standard_normal((300, 13)) * 3).astype(np.float32)
+    g0 = group_codewords(C0)
+    C1 = C0.copy()
+    C1[::3] += rng.standard_normal((100, 13)).astype(np.float32) * 10
+    X1 = (C1[rng.integers(0, 300, 2000)] + rng.standard_normal((2000, 13))).astype(np.float32)
+    check_assign(X1, C1, group_of=g0)
+    check_assign(X1, C1, group_of=regroup_codewords(C1, g0))
+
+
+def test_assign_grouped_offsets_scales_and_huge_values():
+    for offset in (0.0, 1e4):
+        for scale in (1e-3, 1.0, 1e3):
+            X, C = naive.clustered_case(offset, scale, B=3000, K=300, D=13)
+            lab, d2 = check_assign(X, C, group_of=group_codewords(C))
+            npt.assert_array_equal(lab, check_assign(X, C)[0][lab == lab])  # same labels as the fused scan here
+    rng = np.random.default_rng(22)
+    C = (rng.standard_normal((64, 3)) * 1e17).astype(np.float32)
+    X = (C[rng.integers(0, 64, 300)] + rng.standard_normal((300, 3)) * 1e15).astype(np.float32)
+    check_assign(X, C, group_of=group_codewords(C))
+    # points far beyond the codebook's scale go to the fused scan: the same labels as without groups
+    C1 = rng.standard_normal((8, 2), dtype=np.float32)
+    Xs = np.array([[1e18, 0], [0, -1e18], [-1e18, 1e18], [0.5, 0.5]], np.float32)
+    g1 = np.array([0, 0, 1, 1, 2, 2, 3, 3])
+    for a, b in zip(assign(Xs, C1, group_of=g1), assign(Xs, C1)):
+        npt.assert_array_equal(a, b)
+    Xb = X.copy()
+    Xb[17, 1] = np.nan
+    with pytest.raises(ValueError, match="X row 17 holds NaN or inf"):
+        assign(Xb, C, group_of=group_codewords(C))
+    with pytest.raises(ValueError, match="one group id per codeword"):
+        assign(X, C, group_of=np.zeros(3, np.int64))
+
+
+def test_codeword_groups_threshold_memo_and_regroup():
+    rng = np.random.default_rng(23)
+    small = rng.standard_normal((GROUPED_FROM_K - 1, 4)).astype(np.float32)
+    assert codeword_groups(small) is None
+    C = rng.standard_normal((GROUPED_FROM_K, 4)).astype(np.float32)
+    g = codeword_groups(C)
+    assert g.shape == (GROUPED_FROM_K,) and 40 <= len(np.unique(g)) <= 140  # ~2 sqrt(K) = 91 groups
+    assert codeword_groups(C.copy()) is g  # memoised on the bytes
+    C2 = C + np.float32(0.01)
+    assert codeword_groups(C2) is not g
+    r = regroup_codewords(C2, g)
+    assert r.shape == g.shape and r.min() >= 0
+    # compact groups prune: far fewer codewords scanned than K when the codewords are clustered (as a trained
+    # codebook of speech is; a uniform cloud in 13 dimensions prunes little)
+    from streamq.kernels.assign import _assign_grouped
+    centres = rng.standard_normal((64, 13)) * 6
+    Cc = (centres[rng.integers(0, 64, 4096)] + rng.standard_normal((4096, 13))).astype(np.float32)
+    Xc = (Cc[rng.integers(0, 4096, 4000)] + rng.standard_normal((4000, 13)) * 0.3).astype(np.float32)
+    lab, d2 = np.empty(4000, np.int64), np.empty(4000, np.float32)
+    scanned = _assign_grouped(Xc, Cc, group_codewords(Cc), lab, d2)
+    assert scanned.mean() < 4096 / 8
+    npt.assert_array_equal(lab, assign(Xc, Cc)[0])
+
+
 @pytest.mark.parametrize("B,K,D,n_slices", [(1, 1, 1, None), (500, 7, 13, None), (20000, 64, 3, 2),
                                             (9000, 300, 13, 3), (5, 10, 4, 1), (3, 8, 2, 5), (200000, 5, 2, None)])
 def test_cluster_stats_matches_reference(B, K, D, n_slices):

@@ -47,7 +47,7 @@ from numba import njit, prange, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-__all__ = ["assign", "cluster_stats", "ClusterStats"]
+__all__ = ["assign", "cluster_stats", "ClusterStats", "grouped_layout", "GroupedCodebook"]
 
 # Tile shape of the inner kernel (IR-generation constants, not read by @njit code):
 # 48 points = three 16-lane vectors, times 4 codewords = 12 zmm accumulators.
@@ -56,6 +56,7 @@ _NV = 3
 _P = 16 * _NV  # points per tile
 _NC = 4  # codewords per inner step; K is padded to a multiple of this
 _F32_MAX = float(np.finfo(np.float32).max)
+_FAR = 4096.0  # grouped search: scaled coordinates beyond this go to the fused scan
 
 
 @intrinsic
@@ -276,7 +277,7 @@ def _raise_nonfinite(X, d2, what="X"):
                      f"(|values| up to {float(np.abs(X[i]).max()):.3g}); rescale the features")
 
 
-def assign(X, C, out_labels=None, out_d2=None, *, kblock=None, tiles_per_group=None):
+def assign(X, C, out_labels=None, out_d2=None, *, kblock=None, tiles_per_group=None, group_of=None):
     """Nearest codeword of every point (fused L2 distance + running argmin on centred data).
 
     Parameters
@@ -288,6 +289,13 @@ def assign(X, C, out_labels=None, out_d2=None, *, kblock=None, tiles_per_group=N
     kblock : int, optional. Codewords per cache block (default: about 256 KiB of ``-2C``).
     tiles_per_group : int, optional. 48-point tiles per parallel work item (default:
         up to 8, fewer for small batches so that every thread gets work).
+    group_of : int (K,), optional. A partition of the codewords into groups (any partition is correct;
+        compact groups are fast: :func:`streamq.selection.group_codewords`). The search is then by group
+        bounds (``_grouped_kernel``): per point the G group centres, then only the groups that the
+        triangle inequality cannot rule out, nearest first. Same result, ranked on float32
+        ``||x' - c'||^2`` directly (no expansion; so it may break a near-tie the other way than the fused
+        scan). Pays from K ~ 2048 (K = 16384, G = 271: ~400 codewords scanned per point). The layout is
+        rebuilt from ``C`` on every call (O(K D)): a stale partition costs speed, never correctness.
 
     Returns
     -------
@@ -312,7 +320,18 @@ def assign(X, C, out_labels=None, out_d2=None, *, kblock=None, tiles_per_group=N
         out_d2 = np.empty(B, dtype=np.float32)
     if B == 0:
         return out_labels, out_d2
-    D = X.shape[1]
+    if group_of is not None:
+        _assign_grouped(X, C, group_of, out_labels, out_d2)
+    else:
+        _assign_fused(X, C, out_labels, out_d2, kblock, tiles_per_group)
+    if not float(out_d2.max()) < np.inf:  # NaN propagates through max: one reduction, no B-sized temporary
+        _raise_nonfinite(X, out_d2)
+    return out_labels, out_d2
+
+
+def _assign_fused(X, C, out_labels, out_d2, kblock=None, tiles_per_group=None):
+    """:func:`assign`'s fused scan on checked, non-empty inputs (no check of the result)."""
+    B, D = X.shape
     shift, scale = _centre(C)
     cb, cn = _prepare_codebook(C, shift, scale)
     if kblock is None:
@@ -322,9 +341,176 @@ def assign(X, C, out_labels=None, out_d2=None, *, kblock=None, tiles_per_group=N
         n_tiles = (B + _P - 1) // _P
         tiles_per_group = max(1, min(8, n_tiles // (4 * numba.get_num_threads())))
     _assign_kernel(X, C, shift, scale, cb, cn, _P, kblock, int(tiles_per_group), out_labels, out_d2)
-    if not float(out_d2.max()) < np.inf:  # NaN propagates through max: one reduction, no B-sized temporary
-        _raise_nonfinite(X, out_d2)
-    return out_labels, out_d2
+
+
+# ------------------------------------------------------------------ exact search by group bounds
+@njit(cache=True, nogil=True)
+def _sq_dists(x, M, p0, p1, out):
+    """``out[m] = sum_d (x[d] - M[d, p0 + m])^2`` for m < p1 - p0 (float32; vectorised over m).
+
+    x : float32 (D,), IN. M : float32 (D, n) C-contiguous, IN (columns are points). out : float32, OUT."""
+    n = p1 - p0
+    for m in range(n):
+        out[m] = 0.0
+    for d in range(x.shape[0]):
+        xd = x[d]
+        row = M[d, p0:p1]
+        for m in range(n):
+            t = xd - row[m]
+            out[m] += t * t
+
+
+@njit(cache=True, nogil=True)
+def _best_of(acc, n, ids, p0, best, bk):
+    """Running minimum over ``acc[:n]`` (ids ``ids[p0 + m]``), lowest id on exact ties."""
+    for m in range(n):
+        v = acc[m]
+        if v < best or (v == best and ids[p0 + m] < bk):
+            best = v
+            bk = ids[p0 + m]
+    return best, bk
+
+
+@njit(cache=True, parallel=True, nogil=True)
+def _grouped_kernel(X, C, shift, scale, centT, rad, gptr, memT, ids, eps, block, out_labels, out_d2,
+                    out_scanned):
+    """Exact nearest codeword by group bounds, parallel over blocks of ``block`` points.
+
+    X : float32 (B, D), IN: points. C : float32 (K, D), IN: codebook (exact ``d2``, the fallback).
+    shift : float64 (D,), scale : float64, IN: the search is on ``x' = float32((x - shift) * scale)`` and the
+    codewords likewise. centT : float32 (D, G), IN: group centres (scaled). rad : float32 (G,), IN: upper
+    bounds of ``||c'_k - centre_g||`` over the members of g. gptr : int64 (G + 1,), memT : float32 (D, K),
+    ids : int64 (K,), IN: group g's members are columns ``gptr[g] .. gptr[g + 1]`` of memT (scaled codewords),
+    with codeword ids ``ids[...]``, increasing inside a group. eps : float32, IN: relative margin on every
+    comparison (several times float32 summation error for this D). out_labels int64 (B,), out_d2 float32
+    (B,), out_scanned int64 (B,) (codewords scanned, centres not counted): OUT. A point with a scaled
+    coordinate beyond ``_FAR`` (or NaN) gets label -1: float32 ``x' - c'`` cannot rank codewords there, so
+    the caller hands it to the fused scan.
+
+    Per point: squared distances to the G centres; the group of the nearest centre is scanned; every other
+    group whose bound ``||x' - centre_g|| - rad_g`` could still beat the best distance is a candidate;
+    candidates are scanned nearest centre first, each re-tested against the best found so far. A group is
+    skipped only when none of its members can be as near as the best (the triangle inequality, with the
+    margin), so the label is the exact argmin of the float32 distances, lowest id on exact ties.
+    """
+    B, D = X.shape
+    G = rad.shape[0]
+    max_size = 1
+    for g in range(G):
+        max_size = max(max_size, gptr[g + 1] - gptr[g])
+    lo_f = np.float32(1.0) - 2 * eps
+    hi_f = np.float32(1.0) + eps
+    n_blocks = (B + block - 1) // block
+    for blk in prange(n_blocks):
+        x = np.empty(D, np.float32)
+        dc = np.empty(G, np.float32)
+        acc = np.empty(max_size, np.float32)
+        cand = np.empty(G, np.int64)
+        for i in range(blk * block, min(B, (blk + 1) * block)):
+            far = False
+            for d in range(D):
+                v = (np.float64(X[i, d]) - shift[d]) * scale
+                x[d] = np.float32(v)
+                far = far or not (abs(v) <= _FAR)
+            if far:  # beyond the codebook's scale by 2^12 (or NaN): left to the fused scan (its expansion)
+                out_labels[i] = -1
+                out_d2[i] = np.nan
+                out_scanned[i] = 0
+                continue
+            _sq_dists(x, centT, 0, G, dc)
+            g0 = 0
+            for g in range(1, G):
+                if dc[g] < dc[g0]:
+                    g0 = g
+            p0, p1 = gptr[g0], gptr[g0 + 1]
+            _sq_dists(x, memT, p0, p1, acc)
+            best, bk = _best_of(acc, p1 - p0, ids, p0, np.float32(np.inf), np.int64(-1))
+            scanned = p1 - p0
+            sb = np.sqrt(best) * hi_f
+            nc = 0
+            for g in range(G):  # candidates, kept sorted by centre distance (there are a handful)
+                t = sb + rad[g]
+                if g != g0 and not (dc[g] * lo_f > t * t):
+                    j = nc
+                    while j > 0 and dc[cand[j - 1]] > dc[g]:
+                        cand[j] = cand[j - 1]
+                        j -= 1
+                    cand[j] = g
+                    nc += 1
+            for c in range(nc):
+                g = cand[c]
+                t = sb + rad[g]
+                if dc[g] * lo_f > t * t:
+                    continue
+                p0, p1 = gptr[g], gptr[g + 1]
+                _sq_dists(x, memT, p0, p1, acc)
+                best, bk = _best_of(acc, p1 - p0, ids, p0, best, bk)
+                scanned += p1 - p0
+                sb = np.sqrt(best) * hi_f
+            k = bk
+            acc64 = 0.0
+            for d in range(D):
+                diff = np.float64(X[i, d]) - np.float64(C[k, d])
+                acc64 += diff * diff
+            out_d2[i] = np.float32(acc64)
+            out_labels[i] = k
+            out_scanned[i] = scanned
+
+
+class GroupedCodebook(NamedTuple):
+    """Kernel layout of a codebook under a partition into groups (built by :func:`grouped_layout`)."""
+
+    shift: np.ndarray  #: float64 (D,), centring offset (as :func:`assign`)
+    scale: float  #: power of two
+    centT: np.ndarray  #: float32 (D, G), scaled group centres (the members' means)
+    rad: np.ndarray  #: float32 (G,), scaled radii, rounded up
+    gptr: np.ndarray  #: int64 (G + 1,), member column ranges
+    memT: np.ndarray  #: float32 (D, K), scaled codewords in group order
+    ids: np.ndarray  #: int64 (K,), codeword id of each column
+
+
+def grouped_layout(C, group_of) -> GroupedCodebook:
+    """The layout :func:`assign` searches with ``group_of``: codebook ``C`` (float32 (K, D), finite) under the
+    partition ``group_of`` (int (K,), any ids; empty groups are dropped). O(K D)."""
+    K, D = C.shape
+    g = np.asarray(group_of).ravel()
+    if g.shape != (K,):
+        raise ValueError(f"group_of must hold one group id per codeword ({K}), got shape {g.shape}")
+    _, g = np.unique(g, return_inverse=True)
+    G = int(g.max()) + 1
+    order = np.argsort(g, kind="stable")  # stable: ids increase inside a group
+    sizes = np.bincount(g, minlength=G)
+    gptr = np.zeros(G + 1, np.int64)
+    gptr[1:] = np.cumsum(sizes)
+    shift, scale = _centre(C)
+    Cs = ((C.astype(np.float64) - shift) * scale).astype(np.float32)
+    C64 = Cs.astype(np.float64)
+    cent = np.stack([np.bincount(g, weights=C64[:, d], minlength=G) for d in range(D)], 1) / sizes[:, None]
+    cent32 = cent.astype(np.float32)
+    dist = np.sqrt(((C64 - cent32.astype(np.float64)[g]) ** 2).sum(1))
+    rad = np.zeros(G)
+    np.maximum.at(rad, g, dist)
+    rad = np.nextafter((rad * (1 + 1e-7)).astype(np.float32), np.float32(np.inf))
+    return GroupedCodebook(shift, scale, np.ascontiguousarray(cent32.T), rad, gptr,
+                           np.ascontiguousarray(Cs[order].T), order.astype(np.int64))
+
+
+def _assign_grouped(X, C, group_of, out_labels, out_d2):
+    """:func:`assign` by group bounds; returns the codewords scanned per point (int64 (B,))."""
+    lay = grouped_layout(C, group_of)
+    B, D = X.shape
+    scanned = np.empty(B, np.int64)
+    eps = np.float32((D + 8) * 2.0 ** -23)  # > 2x the worst-case relative error of a D-term float32 sum
+    block = int(max(16, min(256, B // (8 * numba.get_num_threads()) or 16)))
+    _grouped_kernel(X, C, lay.shift, lay.scale, lay.centT, lay.rad, lay.gptr, lay.memT, lay.ids, eps, block,
+                    out_labels, out_d2, scanned)
+    far = np.flatnonzero(out_labels < 0)
+    if len(far):
+        lab, d2 = np.empty(len(far), np.int64), np.empty(len(far), np.float32)
+        _assign_fused(np.ascontiguousarray(X[far]), C, lab, d2)
+        out_labels[far], out_d2[far] = lab, d2  # a NaN or overflow stays in d2 for assign's one-line error
+        scanned[far] = C.shape[0]
+    return scanned
 
 
 # ------------------------------------------------------------------------------ cluster statistics
