@@ -15,6 +15,7 @@ its whole window at any rate; at 16 kHz that is 512, identical to the library de
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import os
 
@@ -160,24 +161,68 @@ def decode(path, target_rate: int, max_short: float = 0.01) -> np.ndarray:
     return np.ascontiguousarray(mono, dtype=np.float32)
 
 
+@functools.lru_cache(maxsize=16)
+def _filterbank(nfilt: int, nfft: int, sample_rate: int, lowfreq: float, highfreq: float) -> np.ndarray:
+    """python_speech_features' Mel filterbank (nfilt, nfft // 2 + 1), computed once per config (the library
+    recomputes it for every clip), read-only."""
+    from python_speech_features.base import get_filterbanks
+
+    fb = get_filterbanks(nfilt, nfft, sample_rate, lowfreq, highfreq)
+    fb.flags.writeable = False
+    return fb
+
+
+def _psf_mfcc(signal: np.ndarray, c: FeatureConfig) -> np.ndarray:
+    """``python_speech_features.mfcc(signal, ...)`` for config ``c``, bit for bit, in about half the time.
+
+    The same NumPy / SciPy operations on the same values in the same order (preemphasis, framing, rfft,
+    power spectrum, energy, filterbank product, log, DCT, lifter), without the library's per-clip waste:
+    frames are a strided view copied once instead of a gather through tiled int32 indices multiplied by a
+    tiled window of ones (the default window: ``x * 1.0 == x``), the filterbank is cached, and the power
+    spectrum is formed in place. ``tests/test_features.py`` checks equality with the library itself."""
+    from numpy.lib.stride_tricks import as_strided
+    from python_speech_features.base import lifter
+    from python_speech_features.sigproc import round_half_up
+    from scipy.fftpack import dct
+
+    rate, nfft = c.sample_rate, c.fft_size
+    highfreq = (c.highfreq or None) or rate / 2
+    sig = np.append(signal[0], signal[1:] - c.preemph * signal[:-1])
+    flen, fstep = int(round_half_up(c.winlen * rate)), int(round_half_up(c.winstep * rate))
+    slen = len(sig)
+    nframes = 1 if slen <= flen else 1 + int(math.ceil((1.0 * slen - flen) / fstep))
+    padlen = int((nframes - 1) * fstep + flen)
+    pad = np.concatenate((sig, np.zeros((padlen - slen,))))
+    frames = np.ascontiguousarray(as_strided(pad, shape=(nframes, flen), strides=(fstep * pad.itemsize, pad.itemsize),
+                                             writeable=False))
+    pspec = np.absolute(np.fft.rfft(frames, nfft))
+    np.square(pspec, out=pspec)
+    pspec = 1.0 / nfft * pspec
+    energy = np.sum(pspec, 1)
+    energy = np.where(energy == 0, np.finfo(float).eps, energy)
+    feat = np.dot(pspec, _filterbank(c.nfilt, nfft, rate, c.lowfreq, highfreq).T)
+    feat = np.where(feat == 0, np.finfo(float).eps, feat)
+    feat = np.log(feat)
+    feat = dct(feat, type=2, axis=1, norm="ortho")[:, :c.numcep]
+    feat = lifter(feat, c.ceplifter)
+    if c.append_energy:
+        feat[:, 0] = np.log(energy)
+    return feat
+
+
 def mfcc(signal: np.ndarray, config: FeatureConfig, name: str = "signal") -> np.ndarray:
-    """MFCC frames of a mono signal already at ``config.sample_rate``.
+    """MFCC frames of a mono signal already at ``config.sample_rate``: python_speech_features' ``mfcc`` with
+    every parameter from the config, bit for bit (:func:`_psf_mfcc`).
 
     Returns
     -------
     float32 (T, numcep), T = 1 + (len(signal) - window) // step (python_speech_features rounds up the tail).
     """
-    from python_speech_features import mfcc as psf_mfcc
-
     c = config
     if len(signal) < c.window_samples:
         raise AudioError(
             f"{name}: clip shorter than one frame ({len(signal)} samples < {c.window_samples} at {c.sample_rate} Hz)")
-    feats = psf_mfcc(np.asarray(signal, dtype=np.float64), samplerate=c.sample_rate, winlen=c.winlen,
-                     winstep=c.winstep, numcep=c.numcep, nfilt=c.nfilt, nfft=c.fft_size, lowfreq=c.lowfreq,
-                     highfreq=c.highfreq or None, preemph=c.preemph, ceplifter=c.ceplifter,
-                     appendEnergy=c.append_energy)
-    feats = feats.astype(np.float32)
+    feats = _psf_mfcc(np.asarray(signal, dtype=np.float64), c).astype(np.float32)
     if not np.all(np.isfinite(feats)):
         bad = int((~np.isfinite(feats)).any(axis=1).sum())
         raise AudioError(f"{name}: {bad} MFCC frames are NaN or inf")
