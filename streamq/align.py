@@ -34,10 +34,10 @@ from sklearn.base import BaseEstimator
 from sklearn.utils.validation import check_is_fitted
 
 from .artifacts import Gaussians, load_model
-from .kernels.lattice import forward_backward, forward_backward_pruned, viterbi, viterbi_pruned
+from .kernels.lattice import (forward_backward, forward_backward_pruned, sparse_counts, sparse_e_step, sparse_e_steps,
+                              sparse_emissions, viterbi, viterbi_pruned)
 from .kernels.tied import (diag_gauss_loglik, frame_normalise, mixture_counts, mixture_likelihoods, occupancy_by_unit,
-                           add_counts, gather_weights, sparse_frame_normalise, sparse_mixture_counts,
-                           sparse_mixture_likelihoods)
+                           add_counts, gather_weights, sparse_frame_normalise)
 from .selection import build_selection, default_n_search, select
 from .progress import bar, log
 from .store import UtteranceSource, as_utterances
@@ -50,6 +50,20 @@ DEFAULT_RETRY_BEAM = 400.0  # nats (exp(-400) is still a normal float64: the sca
 DENSE_FALLBACK_CELLS = 2 ** 24  # T x S of the log-domain fallback on underflow (three float64 T x S arrays)
 NO_PATH = "no finite path (every state sequence has zero probability)"
 OCC_FLOOR = 1e-12  # sparse M-step statistics skip unit occupancies below this (sum to 1 per frame)
+PACK_COUNTS = 2 ** 22  # float64 counts (32 MiB) per batch of utterances of the parallel sparse E-step
+
+
+@contextlib.contextmanager
+def _numba_threads(n):
+    """Numba parallel regions in this thread use ``n`` threads (at most the configured number)."""
+    import numba
+
+    old = numba.get_num_threads()
+    numba.set_num_threads(max(1, min(int(n), numba.config.NUMBA_NUM_THREADS)))
+    try:
+        yield
+    finally:
+        numba.set_num_threads(old)
 
 
 def gaussians_from_codebook(codebook, utterances: UtteranceSource, verbose=0, client=None) -> Gaussians:
@@ -412,6 +426,7 @@ class Aligner(BaseEstimator):
         self._fail_reasons = {}
         self._local_units = {}
         self.lattice_stats_ = {}
+        self._packs, self._wt = None, None
         self._selection = None
         if self.gselect is not None:  # ranked by N_k(x) alone (uniform weights): the unit weights replace w_k
             K = g.n_components
@@ -429,10 +444,11 @@ class Aligner(BaseEstimator):
         ``cache_mb`` budget allows (recomputed each time otherwise).
 
         Dense (``gselect=None``): ``(None, exp(G - shift) float64 (T, K), shift float64 (T,))``.
-        Sparse: ``(comps int32 (C,), (cidx int32 (T, n), rel float32 (T, n)), shift float64 (T,))``: each
+        Sparse: ``(comps int32 (C,), (cidx int32 (T, n), ex float32 (T, n)), shift float64 (T,))``: each
         frame's top-n Gaussians by hierarchical selection, numbered among the C distinct ones the utterance
-        uses (component ``comps[cidx[t, j]]``; -1 = empty slot), and their log-likelihoods relative to the
-        frame's best, ``log N_k(x_t) - shift[t]``. Never a T x K matrix.
+        uses (component ``comps[cidx[t, j]]``; -1 = empty slot), and their likelihoods relative to the
+        frame's best, ``ex = exp(log N_k(x_t) - shift[t])`` in [0, 1] (linear: no exp per EM iteration; a
+        component over 103 nats below the frame's best is 0 in float32). Never a T x K matrix.
         """
         hit = self._cache.get(i)
         if hit is not None:
@@ -451,10 +467,11 @@ class Aligner(BaseEstimator):
                 idx, ll = select(X, sel, n, sel.n_groups if n >= K else default_n_search(sel.n_groups, n))
             rel, shift = sparse_frame_normalise(ll)
             shift += np.log(K)  # the selection's weights are 1 / K: back to log N_k(x)
+            ex = np.exp(rel)  # float32 (exp(-inf) = 0 in the empty slots)
             comps = np.unique(idx[idx >= 0]).astype(np.int32)
             cidx = np.where(idx >= 0, np.searchsorted(comps, idx), -1).astype(np.int32)
-            entry = (comps, (cidx, rel), shift)
-            nbytes = cidx.nbytes + rel.nbytes + shift.nbytes + comps.nbytes
+            entry = (comps, (cidx, ex), shift)
+            nbytes = cidx.nbytes + ex.nbytes + shift.nbytes + comps.nbytes
         with getattr(self, "_cache_lock", None) or contextlib.nullcontext():
             if nbytes <= self._cache_budget:
                 self._cache_budget -= nbytes
@@ -466,25 +483,39 @@ class Aligner(BaseEstimator):
         to ``shift`` (T,) (log-emission = shift + log P), and (comps, G, W) for the M-step statistics
         (dense: W (U, K); sparse: W float64 (C, U), the weights of the utterance's components, transposed)."""
         comps, G, shift = self._frame_gauss(i, X)
-        loc = getattr(self, "_local_units", None)
-        hit = loc.get(i) if loc is not None else None
-        if hit is None or hit[2] is not ch:
-            units, local = np.unique(ch.units, return_inverse=True)
-            hit = (units.astype(np.int64), local.astype(np.int64), ch)
-            if loc is not None:
-                loc[i] = hit
-        units, local = hit[0], hit[1]
+        units, local = self._local(i, ch)
         if comps is None:
             W = np.ascontiguousarray(self.unit_weights_[units])
             P = mixture_likelihoods(G, W)
         else:
             W = gather_weights(self.unit_weights_, units, comps)
-            P = sparse_mixture_likelihoods(G[0], G[1], W)
+            P = sparse_emissions(G[0], G[1], W)
         return units, local, P, shift, (comps, G, W)
 
     def _e_step(self, i, X):
         """(i, loglik, rows, counts, self-loop estimate, used_log): ``acc[rows] += counts`` adds the
-        utterance's statistics (rows = its units, or its units x its selected components)."""
+        utterance's statistics (rows = its units, or its units x its selected components). Sparse emissions:
+        :func:`streamq.kernels.lattice.sparse_e_step`, the per-utterance twin of the batched E-step of
+        :meth:`fit` (the same counts; summed in another order, so equal to float64 rounding)."""
+        ch = self.chains_[i]
+        if getattr(self, "_selection", None) is not None:
+            comps, (cidx, ex), shift = self._frame_gauss(i, X)
+            units, local = self._local(i, ch)
+            stay, nxt, skip = ch.transitions(self.self_loops_[i], self.pause_prob)
+            counts, res = sparse_e_step(cidx, ex, comps, units, local, stay, nxt, skip, self._weights_t(),
+                                        np.array(_beams(self)), OCC_FLOOR)
+            _note(self, "forward_backward", res[4:6])
+            if res[1] == 0:
+                loop = res[2] / res[3] if res[3] > 0 else np.nan
+                return i, res[0] + float(shift.sum()), np.ix_(units, comps), counts.T, loop, False
+            if res[1] == 1:
+                _fail(self, i, _beam_reason(_beams(self)))
+                return i, -np.inf, None, None, None, False
+            return self._e_step_log(i, X)
+        return self._e_step_log(i, X)
+
+    def _e_step_log(self, i, X):
+        """:meth:`_e_step` through :func:`_lattice_posteriors` (dense emissions, or the log-domain fallback)."""
         ch = self.chains_[i]
         units, local, P, shift, (comps, G, W) = self._emissions(i, X, ch)
         stay, nxt, skip = ch.transitions(self.self_loops_[i], self.pause_prob)
@@ -496,10 +527,153 @@ class Aligner(BaseEstimator):
         if comps is None:
             rows, counts = units, mixture_counts(G, occ, P, W)
         else:
-            rows, counts = np.ix_(units, comps), sparse_mixture_counts(G[0], G[1], occ, P, W, OCC_FLOOR).T
+            rows, counts = np.ix_(units, comps), sparse_counts(G[0], G[1], occ, P, W, OCC_FLOOR).T
         tot = xi.sum()
         loop = xi[:, 0].sum() / tot if tot > 0 else np.nan
         return i, ll, rows, counts, loop, used_log
+
+    def _weights_t(self):
+        """The unit weights transposed, float64 (K, n_units), C-contiguous (kept until the M-step changes them:
+        ``fit`` resets ``_wt``)."""
+        wt = getattr(self, "_wt", None)
+        if wt is None or wt[0] is not self.unit_weights_:
+            wt = (self.unit_weights_, np.ascontiguousarray(self.unit_weights_.T))
+            self._wt = wt
+        return wt[1]
+
+    # ------------------------------------------------------------------ batched sparse E-step
+    def _fill_cache(self, corpus, todo):
+        """Find every utterance's sparse lists before the first iteration when they all fit in the cache, so
+        that each iteration runs from memory; False when they do not (each iteration finds them again)."""
+        n = min(int(self.gselect), self.gaussians_.n_components)
+        need = sum(int(corpus.lengths[i]) * (8 * n + 8 + 4 * n) for i in todo)  # lists, shift, comps (at most)
+        if need > self._cache_budget:
+            return False
+        for _ in self._map(self._frame_gauss, corpus, todo):
+            pass
+        return all(i in self._cache for i in todo)
+
+    def _build_packs(self, todo):
+        """Batches of cached utterances for :func:`streamq.kernels.lattice.sparse_e_steps`, at most PACK_COUNTS
+        counts each; the cache then holds views into them."""
+        packs, cur, size = [], [], 0
+        for i in todo:
+            units, _ = self._local(i, self.chains_[i])
+            k = len(units) * len(self._cache[i][0])
+            if cur and size + k > PACK_COUNTS:
+                packs.append(self._pack(cur, [self._cache[i] for i in cur], True))
+                cur, size = [], 0
+            cur.append(i)
+            size += k
+        if cur:
+            packs.append(self._pack(cur, [self._cache[i] for i in cur], True))
+        return packs
+
+    def _pack(self, idx, ents, views=False):
+        """The utterances ``idx`` with their sparse entries ``ents`` (:meth:`_frame_gauss`) concatenated; with
+        ``views`` the cache entries become views into the pack (no second copy)."""
+        locs = [self._local(i, self.chains_[i]) for i in idx]
+
+        def ptr(arrays):
+            return np.concatenate([[0], np.cumsum([len(a) for a in arrays])]).astype(np.int64)
+
+        pk = {"idx": list(idx), "t_ptr": ptr([e[2] for e in ents]), "c_ptr": ptr([e[0] for e in ents]),
+              "u_ptr": ptr([u for u, _ in locs]), "s_ptr": ptr([loc for _, loc in locs]),
+              "cidx": np.concatenate([e[1][0] for e in ents]), "ex": np.concatenate([e[1][1] for e in ents]),
+              "comps": np.concatenate([e[0] for e in ents]).astype(np.int32),
+              "units": np.concatenate([u for u, _ in locs]).astype(np.int64),
+              "state_unit": np.concatenate([loc for _, loc in locs]).astype(np.int64),
+              "shift_sum": [float(e[2].sum()) for e in ents], "trans": None, "loops": None}
+        if views:
+            t, c = pk["t_ptr"], pk["c_ptr"]
+            for k, i in enumerate(idx):
+                self._cache[i] = (pk["comps"][c[k]:c[k + 1]],
+                                  (pk["cidx"][t[k]:t[k + 1]], pk["ex"][t[k]:t[k + 1]]), ents[k][2])
+        return pk
+
+    def _iter_packs(self, corpus, todo):
+        """The packs of one iteration: the cached ones, or one per block of frames read (lists found again)."""
+        if self._packs is not None:
+            yield from self._packs
+            return
+        for blk in corpus.iter_blocks(todo):
+            idx = [i for i, _ in blk]
+            yield self._pack(idx, [self._frame_gauss(i, X) for i, X in blk])
+
+    def _lanes(self):
+        """Accumulator lanes of the batched E-step: twice the configured threads (not n_jobs, so that every
+        n_jobs gives the same bits), at most 64 MiB of them."""
+        import numba
+
+        per = 8 * self.inventory_.n_units * self.gaussians_.n_components
+        return int(max(1, min(2 * numba.config.NUMBA_NUM_THREADS, 2 ** 26 // per)))
+
+    def _batched_statistics(self, corpus, todo):
+        """What :func:`sum_e_steps` over :meth:`_e_step` returns (equal to float64 rounding), computed by
+        :func:`streamq.kernels.lattice.sparse_e_steps` in parallel: utterance i adds its counts to lane
+        i mod L, the lanes are summed in order (the same bits for every n_jobs, cached or not). Utterances whose
+        scaled lattice under/overflows are redone by :meth:`_e_step_log` (the log domain) and added last."""
+        L = self._lanes()
+        lanes = np.zeros((L, self.gaussians_.n_components, self.inventory_.n_units))
+        WT = self._weights_t()
+        beams = np.array(_beams(self), np.float64)
+        live = set(todo)
+        out = {}
+        for pk in self._iter_packs(corpus, todo):
+            idx = pk["idx"]
+            lane = np.array([i % L if i in live else -1 for i in idx], np.int64)
+            if not (lane >= 0).any():
+                continue
+            loops = [float(self.self_loops_[i]) for i in idx]
+            if pk["trans"] is None or loops != pk["loops"]:
+                tr = [self.chains_[i].transitions(p, self.pause_prob) for i, p in zip(idx, loops)]
+                pk["trans"] = tuple(np.concatenate([x[k] for x in tr]).astype(np.float64) for k in range(3))
+                pk["loops"] = loops
+            stay, nxt, skip = pk["trans"]
+            with _numba_threads(self.n_jobs):
+                res = sparse_e_steps(pk["cidx"], pk["ex"], pk["t_ptr"], pk["comps"], pk["c_ptr"], pk["units"],
+                                     pk["u_ptr"], pk["state_unit"], stay, nxt, skip, pk["s_ptr"], lane, WT, beams,
+                                     OCC_FLOOR, lanes)
+            ran = res[lane >= 0]
+            _note(self, "forward_backward", ran[:, 4:6].max(0))
+            for k, i in enumerate(idx):
+                if lane[k] >= 0:
+                    out[i] = (res[k], pk["shift_sum"][k], int(pk["t_ptr"][k + 1] - pk["t_ptr"][k]))
+        acc_t = lanes[0]
+        for lane_acc in lanes[1:]:
+            acc_t += lane_acc
+        acc = np.ascontiguousarray(acc_t.T)
+        total, frames, fallbacks, aligned, loops = 0.0, 0, 0, 0, {}
+        for i in todo:
+            r, shift_sum, T = out[i]
+            if r[1] == 0:
+                aligned += 1
+                total += r[0] + shift_sum
+                frames += T
+                loops[i] = r[2] / r[3] if r[3] > 0 else np.nan
+            elif r[1] == 1:
+                _fail(self, i, _beam_reason(list(beams)))
+            else:
+                _, ll, rows, counts, loop, used_log = self._e_step_log(i, corpus.utterance(i))
+                fallbacks += used_log
+                if rows is not None:
+                    aligned += 1
+                    total += ll
+                    frames += T
+                    _accumulate(acc, rows, counts)
+                    loops[i] = loop
+        return acc, total, frames, fallbacks, aligned, loops
+
+    def _local(self, i, ch):
+        """The utterance's distinct units int64 (U,) and each state's local unit int64 (S,)."""
+        loc = getattr(self, "_local_units", None)
+        hit = loc.get(i) if loc is not None else None
+        if hit is None or hit[2] is not ch:
+            units, local = np.unique(ch.units, return_inverse=True)
+            hit = (units.astype(np.int64), local.astype(np.int64), ch)
+            if loc is not None:
+                loc[i] = hit
+        return hit[0], hit[1]
 
     def _map(self, fn, corpus, indices):
         """fn(i, X) over utterances in order; threads when jobs > 1 (results come back in order). When every
@@ -550,6 +724,10 @@ class Aligner(BaseEstimator):
                     from .distributed import align_statistics
 
                     dist = align_statistics(self.client, self, corpus, todo, self.verbose)
+                elif self._selection is not None and todo:  # sparse: the batched E-step
+                    if it == 1 and self._fill_cache(corpus, todo):
+                        self._packs = self._build_packs(todo)
+                    dist = self._batched_statistics(corpus, todo)
                 if dist is None:
                     dist = sum_e_steps(self._map(self._e_step, corpus, todo), (self.inventory_.n_units, K),
                                        corpus.lengths)
@@ -563,6 +741,7 @@ class Aligner(BaseEstimator):
                 den = num.sum(1, keepdims=True)
                 upd = den[:, 0] > 0
                 self.unit_weights_[upd] = num[upd] / den[upd]
+                self._wt = None
                 if self.update_transitions:
                     for i, p in new_loops.items():
                         if np.isfinite(p):
@@ -576,6 +755,7 @@ class Aligner(BaseEstimator):
                 pb.set_postfix(ll=f"{rec['loglik_per_frame']:.3f}")
                 if callback is not None:
                     callback(it, self)
+        self._packs = None  # the cache keeps its views into them for decoding
         return self
 
     def _record_traces(self):

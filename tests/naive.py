@@ -429,3 +429,46 @@ def add_counts(acc, units, comps, counts):
     out = acc.copy()
     out[np.ix_(units, comps)] += counts.T
     return out
+
+
+def sparse_emissions(cidx, ex, Wt):
+    """P[t, u] = sum_j Wt[cidx[t, j], u] ex[t, j] over the slots with cidx >= 0 (linear likelihoods)."""
+    T, n = cidx.shape
+    P = np.zeros((T, Wt.shape[1]))
+    for t in range(T):
+        for j in range(n):
+            if cidx[t, j] >= 0:
+                P[t] += Wt[cidx[t, j]] * float(ex[t, j])
+    return P
+
+
+def sparse_counts(cidx, ex, occ, P, Wt, occ_floor=0.0):
+    """counts[c, u] = sum over slots listing c of occ[t, u] Wt[c, u] ex[t, j] / P[t, u] (occ > occ_floor)."""
+    T, n = cidx.shape
+    out = np.zeros(Wt.shape)
+    for t in range(T):
+        for u in range(Wt.shape[1]):
+            if occ[t, u] > occ_floor and P[t, u] > 0:
+                for j in range(n):
+                    c = cidx[t, j]
+                    if c >= 0:
+                        out[c, u] += occ[t, u] * Wt[c, u] * float(ex[t, j]) / P[t, u]
+    return out
+
+
+def sparse_e_step(cidx, ex, comps, units, state_unit, stay, nxt, skip, WT, beams, occ_floor=0.0):
+    """One utterance's sparse E-step from the dense references: the first beam with a path (pruned_forward_backward
+    over pruned_windows), its occupancies per unit and sparse_counts. Returns (counts (C, U), loglik relative to
+    the shifts, expected stay transitions, expected transitions) or None when no beam has a path."""
+    Wt = WT[np.ix_(comps, units)]
+    P = sparse_emissions(cidx, ex, Wt)
+    for beam in beams:
+        try:
+            gamma, ll, xi = pruned_forward_backward(P, state_unit, stay, nxt, skip, beam)
+        except IndexError:  # a frame without any state left in the window
+            continue
+        if not np.isfinite(ll):
+            continue
+        occ = occupancy_by_unit(gamma, state_unit, len(units))
+        return sparse_counts(cidx, ex, occ, P, Wt, occ_floor), ll, xi[:, 0].sum(), xi.sum()
+    return None

@@ -422,3 +422,192 @@ def test_pruned_underflow_is_status_2_and_the_aligner_redoes_it_in_the_log_domai
     P0 = np.exp(rng.normal(size=(T, S)))
     P0[12] = 0.0
     assert forward_backward_pruned(P0, su, stay, nxt, skip, S, np.inf, 0, NOPATH)[3] == 1
+
+
+# --------------------------------------------------------------------------- sparse tied-mixture E-step
+from streamq.kernels.lattice import sparse_counts, sparse_e_step, sparse_e_steps, sparse_emissions  # noqa: E402
+
+
+def sparse_utterance(rng, T, S, C, n, n_units=None, K=None, skips=True, empty=True):
+    """An aligner-like utterance with sparse emissions: a true path through S states of U <= S local units, each
+    frame listing n of the utterance's C components (ex = 1 for its best), a corpus of n_units units x K comps."""
+    U = max(1, (S + 1) // 2)
+    n_units = n_units or U + 3
+    K = K or C + 5
+    state_unit = (np.arange(S) % U).astype(np.int64)
+    units = np.sort(rng.choice(n_units, U, replace=False)).astype(np.int64)
+    comps = np.sort(rng.choice(K, C, replace=False)).astype(np.int32)
+    truth = np.sort(rng.integers(0, S, T))
+    truth[0], truth[-1] = 0, S - 1
+    cidx = np.stack([rng.choice(C, n, replace=False) for _ in range(T)]).astype(np.int32)
+    # the true state's unit favours components (its own block of comps): likelihood-like contrast
+    ex = np.exp(-rng.exponential(3.0, (T, n))).astype(np.float32)
+    ex[:, 0] = 1.0
+    if empty and T > 2 and n > 1:
+        cidx[1, -1] = -1
+        ex[1, -1] = 0.0
+    WT = rng.dirichlet(np.ones(K), n_units).T.copy()  # (K, n_units)
+    for t in range(T):  # make the listed components of frame t likely under the true unit
+        WT[comps[cidx[t, 0]], units[state_unit[truth[t]]]] += 0.5
+    WT /= WT.sum(0, keepdims=True)
+    stay, nxt, skip = random_chain(rng, S, skips)
+    stay[-1], nxt[-1], skip[-1] = 1.0, 0.0, 0.0
+    if S > 1:
+        skip[-2] = 0.0
+        nxt[-2] = 1.0 - stay[-2]
+    return cidx, ex, comps, units, state_unit, stay, nxt, skip, WT
+
+
+def test_sparse_emissions_and_counts_match_reference():
+    rng = np.random.default_rng(11)
+    cidx, ex, comps, units, su, stay, nxt, skip, WT = sparse_utterance(rng, 30, 7, 9, 4)
+    Wt = WT[np.ix_(comps, units)]
+    P = sparse_emissions(cidx, ex, Wt)
+    np.testing.assert_allclose(P, naive.sparse_emissions(cidx, ex, Wt), rtol=1e-12)
+    occ = rng.uniform(size=P.shape)
+    occ[:, -1] = 0.0
+    for floor in (0.0, float(np.median(occ))):
+        np.testing.assert_allclose(sparse_counts(cidx, ex, occ, P, Wt, floor),
+                                   naive.sparse_counts(cidx, ex, occ, P, Wt, floor), rtol=1e-10, atol=1e-300)
+    ex0 = ex.copy()
+    ex0[:, 1:] = 0.0  # components that underflowed in float32 add nothing
+    np.testing.assert_allclose(sparse_emissions(cidx, ex0, Wt), Wt[cidx[:, 0]], rtol=1e-12)
+
+
+def check_sparse_e_step(case, beams=(np.inf,), floor=0.0):
+    cidx, ex, comps, units, su, stay, nxt, skip, WT = case
+    counts, res = sparse_e_step(cidx, ex, comps, units, su, stay, nxt, skip, WT, np.array(beams, float), floor)
+    ref = naive.sparse_e_step(cidx, ex, comps, units, su, stay, nxt, skip, WT, beams, floor)
+    if ref is None:
+        assert res[1] == 1 and res[0] == -np.inf and not counts.any()
+        return counts, res
+    c_ref, ll_ref, x0_ref, xt_ref = ref
+    assert res[1] == 0
+    assert res[0] == pytest.approx(ll_ref, rel=1e-10, abs=1e-9)
+    np.testing.assert_allclose(counts, c_ref, rtol=1e-9, atol=1e-12)
+    assert res[2] == pytest.approx(x0_ref, rel=1e-9, abs=1e-12)
+    assert res[3] == pytest.approx(xt_ref, rel=1e-9, abs=1e-12)
+    return counts, res
+
+
+@pytest.mark.parametrize("T,S,C,n,skips", [(1, 1, 1, 1, False), (6, 1, 3, 2, False), (5, 5, 4, 2, False),
+                                            (40, 9, 12, 4, True), (120, 21, 30, 6, True)])
+def test_sparse_e_step_matches_reference(T, S, C, n, skips):
+    """Exact lattice (beam inf) and a finite beam: the naive dense forward-backward over the same windows; one
+    state, one frame, fewer frames than states (no path)."""
+    rng = np.random.default_rng(T + 7 * S)
+    case = sparse_utterance(rng, T, S, C, n, skips=skips)
+    counts, res = check_sparse_e_step(case)
+    if T >= S:
+        # every frame's occupancy is redistributed over its listed components
+        assert counts.sum() == pytest.approx(T, rel=1e-9)
+        assert res[3] == pytest.approx(T - 1, abs=1e-9)
+    check_sparse_e_step(case, beams=(4.0,))
+    check_sparse_e_step(case, beams=(4.0,), floor=1e-3)
+    short = sparse_utterance(rng, max(1, S - 2), S, C, n, skips=False) if S > 2 else None
+    if short is not None:
+        check_sparse_e_step(short)
+
+
+def test_sparse_e_step_every_component_listed_equals_dense():
+    """n = C = K (every component listed, in a per-frame random order): the dense emissions' lattice and counts."""
+    rng = np.random.default_rng(4)
+    T, S, K = 50, 8, 6
+    cidx, ex, comps, units, su, stay, nxt, skip, WT = sparse_utterance(rng, T, S, K, K, K=K, empty=False)
+    comps = np.arange(K, dtype=np.int32)
+    Wt = WT[np.ix_(comps, units)]
+    Gx = np.zeros((T, K))
+    for t in range(T):
+        Gx[t, cidx[t]] = ex[t]
+    from streamq.kernels.tied import mixture_counts, mixture_likelihoods, occupancy_by_unit
+
+    Pd = mixture_likelihoods(Gx, Wt.T.copy())
+    with np.errstate(divide="ignore"):
+        g, ll, xi, _ = forward_backward(np.log(Pd), su, stay, nxt, skip)
+    counts, res = sparse_e_step(cidx, ex, comps, units, su, stay, nxt, skip, WT, np.array([np.inf]), 0.0)
+    assert res[1] == 0 and res[0] == pytest.approx(ll, rel=1e-10)
+    dense = mixture_counts(Gx, occupancy_by_unit(g, su, len(units)), Pd, Wt.T.copy())
+    np.testing.assert_allclose(counts.T, dense, rtol=1e-8, atol=1e-12)
+
+
+def test_sparse_e_step_ties_and_retry_beam():
+    """Identical frames (every state ties) give a symmetric, exact result; a beam too narrow for the path is
+    retried at the next one (the index of the beam used is returned)."""
+    rng = np.random.default_rng(8)
+    T, S = 12, 4
+    case = list(sparse_utterance(rng, T, S, 3, 3, skips=False, empty=False))
+    case[0] = np.tile(np.array([[0, 1, 2]], np.int32), (T, 1))
+    case[1] = np.ones((T, 3), np.float32)
+    check_sparse_e_step(tuple(case))
+    cidx, ex, comps, units, su, stay, nxt, skip, WT = sparse_utterance(rng, 80, 10, 12, 4)
+    stay[:] = 0.95  # slow self-loops: the forward lags behind the end, a 1-nat beam loses the path
+    nxt[:-1], skip[:] = 0.05, 0.0
+    stay[-1], nxt[-1] = 1.0, 0.0
+    c1, r1 = sparse_e_step(cidx, ex, comps, units, su, stay, nxt, skip, WT, np.array([1e-3]), 0.0)
+    c2, r2 = sparse_e_step(cidx, ex, comps, units, su, stay, nxt, skip, WT, np.array([1e-3, np.inf]), 0.0)
+    assert r1[1] == 1 and not c1.any()
+    assert r2[1] == 0 and r2[6] == 1
+    check_sparse_e_step((cidx, ex, comps, units, su, stay, nxt, skip, WT), beams=(1e-3, np.inf))
+
+
+def test_sparse_e_step_long_lattice_counts_from_occupancies():
+    """A lattice over 2**22 state-frames is checkpointed (counts from the occupancies afterwards instead of in
+    the backward pass): the same counts as the one-segment pass to float64 rounding."""
+    rng = np.random.default_rng(2)
+    T, S = 2200, 2000
+    cidx, ex, comps, units, su, stay, nxt, skip, WT = sparse_utterance(rng, T, S, 40, 3, skips=False)
+    stay[:-1], nxt[:-1] = 1 - S / T, S / T
+    beams = np.array([30.0, np.inf])
+    counts, res = sparse_e_step(cidx, ex, comps, units, su, stay, nxt, skip, WT, beams, 1e-12)
+    assert res[1] == 0
+    Wt = WT[np.ix_(comps, units)]
+    P = sparse_emissions(cidx, ex, Wt)
+    occ, ll, xi, st, _, _ = forward_backward_pruned(P, su, stay, nxt, skip, len(units), beams[int(res[6])], T,
+                                                    NOPATH)
+    assert st == 0 and res[0] == pytest.approx(ll, rel=1e-12)
+    np.testing.assert_allclose(counts, sparse_counts(cidx, ex, occ, P, Wt, 1e-12), rtol=1e-9, atol=1e-12)
+
+
+def pack(cases):
+    def ptr(xs):
+        return np.concatenate([[0], np.cumsum([len(x) for x in xs])]).astype(np.int64)
+
+    cols = list(zip(*cases))
+    return (np.concatenate(cols[0]), np.concatenate(cols[1]), ptr(cols[0]), np.concatenate(cols[2]), ptr(cols[2]),
+            np.concatenate(cols[3]), ptr(cols[3]), np.concatenate(cols[4]), np.concatenate(cols[5]),
+            np.concatenate(cols[6]), np.concatenate(cols[7]), ptr(cols[4]))
+
+
+def test_sparse_e_steps_batch_equals_utterances_and_ignores_threads():
+    """The batch: each utterance's sparse_e_step, counts added into its lane (utterances without a lane are
+    skipped); the same bits with 1 or 2 threads and when the batch is split in two."""
+    import numba
+
+    rng = np.random.default_rng(21)
+    n_units, K = 9, 40
+    cases = [sparse_utterance(rng, int(rng.integers(5, 60)), int(rng.integers(1, 9)), int(rng.integers(3, 12)), 3,
+                              n_units=n_units, K=K) for _ in range(11)]
+    WT = cases[0][8]
+    cases = [c[:8] for c in cases]
+    beams = np.array([20.0, np.inf])
+    lane = np.arange(len(cases)) % 3
+    lane[4] = -1
+    ref = np.zeros((3, K, n_units))
+    for i, c in enumerate(cases):
+        counts, res = sparse_e_step(*c, WT, beams, 1e-12)
+        if lane[i] >= 0 and res[1] == 0:
+            np.add.at(ref[lane[i]], np.ix_(c[2], c[3]), counts)
+    runs = []
+    for threads in (1, 2):
+        numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
+        lanes = np.zeros((3, K, n_units))
+        res = sparse_e_steps(*pack(cases), lane, WT, beams, 1e-12, lanes)
+        runs.append(lanes)
+    numba.set_num_threads(numba.config.NUMBA_NUM_THREADS)
+    assert res[4, 1] == 1 and res[4, 0] == -np.inf
+    np.testing.assert_allclose(runs[0], ref, rtol=1e-12, atol=1e-15)
+    np.testing.assert_array_equal(runs[0], runs[1])
+    split = np.zeros((3, K, n_units))
+    sparse_e_steps(*pack(cases[:5]), lane[:5], WT, beams, 1e-12, split)
+    sparse_e_steps(*pack(cases[5:]), lane[5:], WT, beams, 1e-12, split)
+    np.testing.assert_array_equal(split, runs[0])

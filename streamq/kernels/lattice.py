@@ -27,10 +27,10 @@ paths the one that reaches each state earliest is returned.
 from __future__ import annotations
 
 import numpy as np
-from numba import njit
+from numba import njit, prange
 
 __all__ = ["forward_backward", "forward_backward_log", "viterbi", "forward_backward_pruned", "viterbi_pruned",
-           "end_distance", "m_any"]
+           "end_distance", "m_any", "sparse_emissions", "sparse_counts", "sparse_e_step", "sparse_e_steps"]
 
 
 # --------------------------------------------------------------------------- helpers
@@ -358,6 +358,198 @@ def m_any(P, t, state_unit, lo, hi):
 
 
 @njit(cache=True, nogil=True)
+def _fb_pruned_single(P, state_unit, stay, nxt, skip, n_units, thr_rel, dend, path, count, cidx, ex, occ_floor, out):
+    """:func:`forward_backward_pruned` with every frame's forward values kept (one segment): the same operations
+    in the same order (the same bits as the checkpointed walk), on state vectors padded with zeros outside the
+    window so that the inner loops have no range tests. Same returns.
+
+    count : bool. When True, each frame's expected component counts (:func:`sparse_counts` before its final
+    multiplication by the weights; frames in reverse order) are added to out float64 (C, U) INOUT as the
+    backward pass completes the frame's unit occupancies, from cidx int32 (T, n) / ex float32 (T, n) IN
+    (:func:`sparse_emissions`), visiting only the units of the frame's window."""
+    T = P.shape[0]
+    S = state_unit.shape[0]
+    U = n_units
+    occ = np.zeros((T, U))
+    xi = np.zeros((S, 3))
+    pp = np.zeros(T)
+    info = np.zeros(3)
+    lo = np.empty(T, np.int64)
+    hi = np.empty(T, np.int64)
+    sc = np.empty(T)
+    ptr = np.zeros(T + 1, np.int64)
+    seg = np.empty(max(16, 4 * T), np.float64)  # every frame's window of forward values, flattened
+    # padded state vectors: pv[s + 2] = alpha_hat_{t-1}[s] (0 outside the window), nx1[s] = nxt[s - 1],
+    # sk2[s] = skip[s - 2] (0 where there is no such predecessor)
+    pv = np.zeros(S + 2)
+    cur = np.zeros(S)
+    nx1 = np.zeros(S)
+    sk2 = np.zeros(S)
+    for s in range(1, S):
+        nx1[s] = nxt[s - 1]
+    for s in range(2, S):
+        sk2[s] = skip[s - 2]
+    e0 = P[0, state_unit[0]]
+    if not (e0 > 0.0) or e0 == np.inf:
+        return occ, -np.inf, xi, (1 if e0 == 0.0 else 2), pp, info
+    lo[0] = 0
+    hi[0] = 0
+    sc[0] = 1.0
+    pv[2] = 1.0
+    seg[0] = 1.0
+    ptr[1] = 1
+    loglik = np.log(e0)
+    wsum = 1.0
+    wmax = 1
+    for t in range(1, T):
+        plo = lo[t - 1]
+        phi = hi[t - 1]
+        chi = min(phi + 2, S - 1)
+        left = T - 1 - t
+        Pt = P[t]
+        amax = 0.0
+        bad = False
+        for s in range(plo, chi + 1):
+            p = stay[s] * pv[s + 2]
+            p += nx1[s] * pv[s + 1]
+            p += sk2[s] * pv[s]
+            a = p * Pt[state_unit[s]] if p > 0.0 else 0.0
+            if not (a <= 1.7976931348623157e308):  # nan or inf
+                bad = True
+            cur[s] = a
+            if a > amax:
+                amax = a
+        if bad:
+            return occ, -np.inf, xi, 2, pp, info
+        if not (amax > 0.0):
+            return occ, -np.inf, xi, (2 if m_any(P, t, state_unit, plo, chi) else 1), pp, info
+        thr = amax * thr_rel
+        nlo = plo
+        while nlo <= chi and not (cur[nlo] > 0.0 and cur[nlo] >= thr and dend[nlo] <= left):
+            nlo += 1
+        if nlo > chi:
+            return occ, -np.inf, xi, 1, pp, info
+        nhi = chi
+        while not (cur[nhi] > 0.0 and cur[nhi] >= thr and dend[nhi] <= left):
+            nhi -= 1
+        c = 0.0
+        for s in range(nlo, nhi + 1):
+            if dend[s] > left:
+                cur[s] = 0.0
+            c += cur[s]
+        if not (c > 1e-290):  # 1 / c would overflow: redo in the log domain
+            return occ, -np.inf, xi, 2, pp, info
+        ic = 1.0 / c
+        w = nhi - nlo + 1
+        o = ptr[t]
+        if o + w > seg.shape[0]:
+            seg = _grow(seg, o + w)
+        for s in range(plo, nlo):
+            pv[s + 2] = 0.0
+        for s in range(nhi + 1, phi + 1):
+            pv[s + 2] = 0.0
+        for s in range(nlo, nhi + 1):
+            v = cur[s] * ic
+            pv[s + 2] = v
+            seg[o + s - nlo] = v
+        ptr[t + 1] = o + w
+        lo[t] = nlo
+        hi[t] = nhi
+        sc[t] = c
+        loglik += np.log(1.0) + np.log(c)
+        wsum += w
+        if w > wmax:
+            wmax = w
+    if hi[T - 1] < S - 1:
+        return occ, -np.inf, xi, 1, pp, info
+    a_end = pv[S + 1]
+    if not (a_end > 0.0):
+        return occ, -np.inf, xi, 2, pp, info
+    loglik += np.log(a_end)
+    # ---- backward: beta_hat of frame t + 1 in bn over its window; wv[r] = beta * emission / c, 0 outside it
+    bn = np.zeros(S + 2)
+    bc = np.zeros(S + 2)
+    wv = np.zeros(S + 2)
+    has_path = path.shape[0] == T
+    mark = np.full(U, -1, np.int64)
+    rr = np.empty(U)
+    nz = np.empty(U, np.int64)
+    n = cidx.shape[1]
+    for t in range(T - 1, -1, -1):
+        off = ptr[t]
+        tlo = lo[t]
+        thi = hi[t]
+        occ_t = occ[t]
+        if t == T - 1:
+            for s in range(tlo, thi + 1):
+                bc[s] = 0.0
+            bc[S - 1] = 1.0 / a_end
+            for s in range(tlo, thi + 1):
+                gm = seg[off + s - tlo] * bc[s]
+                occ_t[state_unit[s]] += gm
+                if has_path and path[t] == s:
+                    pp[t] = gm
+        else:
+            nlo = lo[t + 1]
+            nhi = hi[t + 1]
+            inv = 1.0 / (1.0 * sc[t + 1])
+            Pn = P[t + 1]
+            for r in range(tlo, nlo):  # wv holds the previous frame's values: zero what this frame reads
+                wv[r] = 0.0
+            for r in range(nhi + 1, min(thi + 3, S + 2)):
+                wv[r] = 0.0
+            for r in range(nlo, nhi + 1):
+                wv[r] = bn[r] * Pn[state_unit[r]] * inv
+            for s in range(tlo, thi + 1):
+                x0 = stay[s] * wv[s]
+                x1 = nxt[s] * wv[s + 1]
+                x2 = skip[s] * wv[s + 2]
+                bs = x0 + x1 + x2
+                if bs == np.inf or bs != bs:
+                    return np.zeros((T, U)), -np.inf, np.zeros((S, 3)), 2, np.zeros(T), info
+                al = seg[off + s - tlo]
+                xi[s, 0] += al * x0
+                xi[s, 1] += al * x1
+                xi[s, 2] += al * x2
+                bc[s] = bs
+                gm = al * bs
+                occ_t[state_unit[s]] += gm
+                if has_path and path[t] == s:
+                    pp[t] = gm
+        if count:
+            Pt = P[t]
+            m = 0
+            for s in range(tlo, thi + 1):
+                u = state_unit[s]
+                if mark[u] != t:
+                    mark[u] = t
+                    o = occ_t[u]
+                    if o > occ_floor and Pt[u] > 0.0:
+                        rr[m] = o / Pt[u]
+                        nz[m] = u
+                        m += 1
+            if m > 0:
+                for j in range(n):
+                    k = cidx[t, j]
+                    if k < 0:
+                        continue
+                    e = np.float64(ex[t, j])
+                    if e == 0.0:
+                        continue
+                    row = out[k]
+                    for q in range(m):
+                        row[nz[q]] += e * rr[q]
+        tmp = bn
+        bn = bc
+        bc = tmp
+    info[0] = (occ.size + xi.size + pp.size + sc.size + seg.size + pv.size + cur.size + nx1.size + sk2.size
+               + bn.size + bc.size + wv.size + lo.size + hi.size + ptr.size + info.size) * 8.0
+    info[1] = wmax
+    info[2] = wsum / T
+    return occ, loglik, xi, 0, pp, info
+
+
+@njit(cache=True, nogil=True)
 def forward_backward_pruned(P, state_unit, stay, nxt, skip, n_units, beam, every, path):
     """Forward-backward on linear emissions over a pruned, checkpointed lattice; per-unit occupancy.
 
@@ -407,6 +599,9 @@ def forward_backward_pruned(P, state_unit, stay, nxt, skip, n_units, beam, every
     ck_ptr = np.zeros(n_seg + 1, np.int64)
     ck = np.empty(max(16, S), np.float64)
     single = n_seg == 1
+    if single and dend[0] <= T - 1:
+        return _fb_pruned_single(P, state_unit, stay, nxt, skip, U, thr_rel, dend, path, False,
+                                 np.zeros((0, 0), np.int32), np.zeros((0, 0), np.float32), 0.0, np.zeros((0, 0)))
     seg = np.empty(16, np.float64)  # forward values of the segment being walked back (flattened windows)
     seg_ptr = np.zeros(L + 1, np.int64)
     # ---- forward with pruning
@@ -688,3 +883,250 @@ def viterbi_pruned(log_emit, state_unit, stay, nxt, skip, beam):
     info[1] = wmax
     info[2] = wsum / T
     return path, score, 0, info
+
+
+# --------------------------------------------------------------------------- sparse tied-mixture E-step
+# The aligner's EM statistics from cached, Gaussian-selected emissions (:mod:`streamq.align`, ``gselect``). Per
+# frame t of an utterance: its top-n Gaussians ``cidx[t]`` (int32, numbered among the utterance's C distinct
+# components ``comps``; -1 = empty slot) and their likelihoods relative to the frame's best one,
+# ``ex[t, j] = exp(log N_k(x_t) - shift_t)`` in [0, 1] (float32). The Gaussians do not change during alignment
+# EM (only the tied weights do), so ``ex`` is computed once and every iteration is linear-domain arithmetic:
+# the weights of the utterance's U units at its components (C x U), the unit emissions
+# ``P[t, u] = sum_j ex[t, j] Wt[cidx[t, j], u]`` (no exp or log), forward-backward on the pruned lattice above,
+# and the expected component counts at the listed components (U x C). :func:`sparse_e_steps` runs a batch of
+# utterances in parallel (one utterance per task) and adds their counts to the corpus accumulator in utterance
+# order, element by element: the bits of a serial loop over :func:`sparse_e_step`, whatever the thread count.
+# Linear-domain products only (no -inf reaches them): fastmath may reassociate and contract.
+_LIN_FASTMATH = {"reassoc", "contract", "arcp"}
+
+
+@njit(cache=True, nogil=True)
+def _local_weights(WT, units, comps):
+    """Wt[c, u] = WT[comps[c], units[u]]: float64 (C, U) from the transposed corpus weights WT (K, n_units)."""
+    C = comps.shape[0]
+    U = units.shape[0]
+    Wt = np.empty((C, U))
+    for c in range(C):
+        row = WT[comps[c]]
+        for u in range(U):
+            Wt[c, u] = row[units[u]]
+    return Wt
+
+
+@njit(cache=True, nogil=True, fastmath=_LIN_FASTMATH)
+def sparse_emissions(cidx, ex, Wt):
+    """Per-unit mixture likelihoods from each frame's listed components, linear domain.
+
+    Parameters
+    ----------
+    cidx : int32 (T, n) IN   row of ``Wt`` of each slot; -1 = empty slot (ignored).
+    ex : float32 (T, n) IN   likelihood of the slot's component relative to the frame's shift, in [0, 1].
+    Wt : float64 (C, U) IN   weights, transposed: Wt[c, u] = weight of component c in unit u.
+
+    Returns
+    -------
+    P : float64 (T, U)   ``P[t, u] = sum_j Wt[cidx[t, j], u] ex[t, j]`` (slots in order); the unit's
+        log-emission is ``shift[t] + log P[t, u]``.
+    """
+    T, n = cidx.shape
+    U = Wt.shape[1]
+    P = np.zeros((T, U))
+    for t in range(T):
+        for j in range(n):
+            k = cidx[t, j]
+            if k < 0:
+                continue
+            e = np.float64(ex[t, j])
+            if e == 0.0:
+                continue
+            for u in range(U):
+                P[t, u] += e * Wt[k, u]
+    return P
+
+
+@njit(cache=True, nogil=True, fastmath=_LIN_FASTMATH)
+def _sparse_counts_into(cidx, ex, occ, P, Wt, occ_floor, out, r, nz):
+    """out (C, U) += the expected counts (see :func:`sparse_counts`); r, nz: float64 / int64 (U,) scratch."""
+    T, n = cidx.shape
+    C, U = Wt.shape
+    for t in range(T):
+        m = 0
+        for u in range(U):
+            o = occ[t, u]
+            if o > occ_floor and P[t, u] > 0.0:
+                r[m] = o / P[t, u]
+                nz[m] = u
+                m += 1
+        if m == 0:
+            continue
+        for j in range(n):
+            k = cidx[t, j]
+            if k < 0:
+                continue
+            e = np.float64(ex[t, j])
+            if e == 0.0:
+                continue
+            row = out[k]
+            for q in range(m):
+                row[nz[q]] += e * r[q]
+    for c in range(C):
+        for u in range(U):
+            out[c, u] *= Wt[c, u]
+
+
+@njit(cache=True, nogil=True)
+def sparse_counts(cidx, ex, occ, P, Wt, occ_floor=0.0):
+    """Expected component counts per unit at the listed components (the M-step statistics of the tied weights).
+
+    ``counts[c, u] = sum_t sum_{j: cidx[t, j] = c} occ[t, u] Wt[c, u] ex[t, j] / P[t, u]``: the unit's occupancy
+    times the component's posterior within the unit's (listed) mixture.
+
+    Parameters
+    ----------
+    cidx, ex : (T, n) IN as in :func:`sparse_emissions`; occ : float64 (T, U) IN state occupancy summed per unit;
+    P : float64 (T, U) IN from :func:`sparse_emissions`; Wt : float64 (C, U) IN.
+    occ_floor : float   occupancies ``<= occ_floor`` are skipped (0: exact).
+
+    Returns
+    -------
+    counts : float64 (C, U)   (frames with ``occ <= occ_floor`` or ``P == 0`` contribute nothing).
+    """
+    C, U = Wt.shape
+    out = np.zeros((C, U))
+    _sparse_counts_into(cidx, ex, occ, P, Wt, occ_floor, out, np.empty(U), np.empty(U, np.int64))
+    return out
+
+
+@njit(cache=True, nogil=True)
+def _fb_counts(P, state_unit, stay, nxt, skip, n_units, beam, cidx, ex, Wt, occ_floor, out):
+    """:func:`forward_backward_pruned` (no path) that also adds the expected component counts to out (C, U):
+    fused into the backward pass on one segment, from the occupancies afterwards on long (checkpointed)
+    lattices. Returns (loglik, xi, status, info)."""
+    T = P.shape[0]
+    S = state_unit.shape[0]
+    nopath = np.zeros(0, np.int64)
+    if T > 0 and S > 0 and T * S <= (1 << 22):
+        dend = end_distance(nxt, skip)
+        if dend[0] <= T - 1:
+            thr_rel = np.exp(-beam) if beam < np.inf else 0.0
+            occ, ll, xi, status, pp, info = _fb_pruned_single(P, state_unit, stay, nxt, skip, n_units, thr_rel, dend,
+                                                              nopath, True, cidx, ex, occ_floor, out)
+            if status != 0:
+                out[:, :] = 0.0
+            return ll, xi, status, info
+    occ, ll, xi, status, pp, info = forward_backward_pruned(P, state_unit, stay, nxt, skip, n_units, beam, 0, nopath)
+    if status == 0:
+        U = out.shape[1]
+        _sparse_counts_into(cidx, ex, occ, P, np.ones((Wt.shape[0], U)), occ_floor, out, np.empty(U),
+                            np.empty(U, np.int64))
+    return ll, xi, status, info
+
+
+@njit(cache=True, nogil=True)
+def _sparse_e_step_into(cidx, ex, comps, units, state_unit, stay, nxt, skip, WT, beams, occ_floor, out, res):
+    """One utterance's E-step; counts into out (C, U) (zeroed by the caller). res float64 (7,) OUT: loglik,
+    status, xi stay total, xi total, bytes, widest window, beam index tried last."""
+    Wt = _local_weights(WT, units, comps)
+    P = sparse_emissions(cidx, ex, Wt)
+    status = 1
+    res[0] = -np.inf
+    for b in range(beams.shape[0]):
+        ll, xi, status, info = _fb_counts(P, state_unit, stay, nxt, skip, units.shape[0], beams[b], cidx, ex, Wt,
+                                          occ_floor, out)
+        res[4] = max(res[4], info[0] + (Wt.size + P.size + out.size) * 8.0)
+        res[5] = max(res[5], info[1])
+        res[6] = b
+        if status == 0:
+            res[0] = ll
+            x0 = 0.0
+            xt = 0.0
+            for s in range(xi.shape[0]):
+                x0 += xi[s, 0]
+                xt += xi[s, 0] + xi[s, 1] + xi[s, 2]
+            res[2] = x0
+            res[3] = xt
+            C, U = Wt.shape
+            for c in range(C):
+                for u in range(U):
+                    out[c, u] *= Wt[c, u]
+            break
+        if status == 2:
+            break
+    res[1] = status
+
+
+@njit(cache=True, nogil=True)
+def sparse_e_step(cidx, ex, comps, units, state_unit, stay, nxt, skip, WT, beams, occ_floor):
+    """One utterance's EM statistics from its cached sparse emissions (the section comment above).
+
+    Parameters
+    ----------
+    cidx : int32 (T, n) IN; ex : float32 (T, n) IN   as in :func:`sparse_emissions`, cidx numbering ``comps``.
+    comps : int32 (C,) IN   the utterance's distinct components (ids in [0, K)).
+    units : int64 (U,) IN   the utterance's distinct units (rows of the corpus weights).
+    state_unit : int64 (S,) IN   local unit of each state, in [0, U); stay, nxt, skip : float64 (S,) IN.
+    WT : float64 (K, n_units) IN   the corpus weights, transposed (WT[k, u] = weight of component k in unit u).
+    beams : float64 (B,) IN   beams tried in turn (inf: exact) until one has a path.
+    occ_floor : float   unit occupancies at or below it give no counts (:func:`sparse_counts`).
+
+    Returns
+    -------
+    counts : float64 (C, U)   expected counts of each component in each unit (zero unless status 0); equal to
+        :func:`sparse_counts` of the lattice's occupancies up to float64 rounding (frames summed in reverse).
+    res : float64 (7,)   loglik relative to the frames' shifts (log P(X) - sum_t shift_t; -inf unless status 0),
+        status (0 ok, 1 no path inside the last beam, 2 numerical under/overflow: redo in the log domain),
+        expected stay transitions, expected transitions, bytes of the working set, widest window, index of the
+        beam tried last.
+    """
+    out = np.zeros((comps.shape[0], units.shape[0]))
+    res = np.zeros(7)
+    _sparse_e_step_into(cidx, ex, comps, units, state_unit, stay, nxt, skip, WT, beams, occ_floor, out, res)
+    return out, res
+
+
+@njit(cache=True, nogil=True, parallel=True)
+def sparse_e_steps(cidx, ex, t_ptr, comps, c_ptr, units, u_ptr, state_unit, stay, nxt, skip, s_ptr, lane, WT,
+                   beams, occ_floor, lanes):
+    """:func:`sparse_e_step` over a batch of N utterances, in parallel over accumulator lanes.
+
+    Utterance i's arrays are the slices ``[p[i]:p[i + 1]]`` of the concatenated ones: frames of cidx / ex by
+    ``t_ptr``, comps by ``c_ptr``, units by ``u_ptr``, state_unit / stay / nxt / skip by ``s_ptr`` (int64 (N + 1,)
+    each). lane : int64 (N,) IN, the accumulator lane of each utterance (-1: skip it, status 1).
+    WT, beams, occ_floor as in :func:`sparse_e_step`.
+    lanes : float64 (L, K, n_units) INOUT   ``lanes[lane[i], comps[c], units[u]] += counts[c, u]`` for each
+        utterance with status 0, a lane's utterances in batch order (lanes run in parallel): the result
+        depends on the lane of each utterance, never on the thread count, and a batch split in two gives the
+        same bits.
+
+    Returns
+    -------
+    res : float64 (N, 7)   each utterance's ``res`` (:func:`sparse_e_step`).
+    """
+    N = t_ptr.shape[0] - 1
+    L = lanes.shape[0]
+    res = np.zeros((N, 7))
+    for i in range(N):
+        if lane[i] < 0:
+            res[i, 0] = -np.inf
+            res[i, 1] = 1
+    for l in prange(L):
+        acc = lanes[l]
+        for i in range(N):
+            if lane[i] != l:
+                continue
+            U = u_ptr[i + 1] - u_ptr[i]
+            c0 = c_ptr[i]
+            C = c_ptr[i + 1] - c0
+            u0 = u_ptr[i]
+            out = np.zeros((C, U))
+            a, b = t_ptr[i], t_ptr[i + 1]
+            s0, s1 = s_ptr[i], s_ptr[i + 1]
+            _sparse_e_step_into(cidx[a:b], ex[a:b], comps[c0:c0 + C], units[u0:u0 + U], state_unit[s0:s1],
+                                stay[s0:s1], nxt[s0:s1], skip[s0:s1], WT, beams, occ_floor, out, res[i])
+            if res[i, 1] != 0:
+                continue
+            for c in range(C):
+                row = acc[comps[c0 + c]]
+                for u in range(U):
+                    row[units[u0 + u]] += out[c, u]
+    return res
