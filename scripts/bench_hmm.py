@@ -183,17 +183,18 @@ def time_align(store, model, out, iters, jobs, **kw):
             "em_iter_s": float(np.mean(em)), "aligned": s["aligned"], "utterances": s["utterances"]}
 
 
-def bench_align_modes(d, copies, jobs, gselect, dense_iters_16384, ks, iters=30):
+def bench_align_modes(d, copies, jobs, gselect, dense_iters_16384, ks, iters=30, modes=("sparse", "dense")):
     import tempfile
 
     demo, corpus = prepare_align_bench(d, copies)
     rows = []
+    todo = [(name, g) for name, g in (("sparse", gselect), ("dense", None)) if name in modes]
     with tempfile.TemporaryDirectory(dir=d) as tmp:
         # compile caches once (a 1-iteration run on the demo for each mode)
-        for mode in (gselect, None):
+        for _, mode in todo:
             time_align(demo, f"{d}/k1024", f"{tmp}/warm{mode}", 1, jobs, gselect=mode)
         for K in ks:
-            for name, g in (("sparse", gselect), ("dense", None)):
+            for name, g in todo:
                 n = dense_iters_16384 if (K == 16384 and g is None) else iters
                 r = time_align(corpus, f"{d}/k{K}", f"{tmp}/{name}{K}", n, jobs, gselect=g)
                 fixed = r["wall_s"] - r["em_s"]
@@ -250,6 +251,7 @@ def main(argv=None):
     ap.add_argument("--gselect", type=int, default=16)
     ap.add_argument("--ks", default="1024,16384")
     ap.add_argument("--dense-iters-16384", type=int, default=2)
+    ap.add_argument("--modes", default="sparse,dense", help="with --align-bench: the emission modes to time")
     ap.add_argument("--eval", action="store_true", help="with --align-bench: word-boundary accuracy, sparse vs dense")
     ap.add_argument("--skip-kernels", action="store_true")
     a = ap.parse_args(argv)
@@ -257,7 +259,7 @@ def main(argv=None):
     if a.align_bench:
         ks = [int(k) for k in a.ks.split(",") if k]
         out["align_modes"] = bench_align_modes(a.align_bench, a.copies, a.jobs, a.gselect, a.dense_iters_16384, ks,
-                                               a.iters)
+                                               a.iters, tuple(m for m in a.modes.split(",") if m))
         if a.eval:
             out["accuracy"] = eval_modes(a.align_bench, a.jobs, a.gselect, a.iters)
     if a.skip_kernels or a.align_bench:

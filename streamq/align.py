@@ -601,12 +601,12 @@ class Aligner(BaseEstimator):
             yield self._pack(idx, [self._frame_gauss(i, X) for i, X in blk])
 
     def _lanes(self):
-        """Accumulator lanes of the batched E-step: twice the configured threads (not n_jobs, so that every
-        n_jobs gives the same bits), at most 64 MiB of them."""
+        """Accumulator lanes of the batched E-step: one per configured thread (not n_jobs, so that every n_jobs
+        gives the same bits), at most 64 MiB of them."""
         import numba
 
         per = 8 * self.inventory_.n_units * self.gaussians_.n_components
-        return int(max(1, min(2 * numba.config.NUMBA_NUM_THREADS, 2 ** 26 // per)))
+        return int(max(1, min(numba.config.NUMBA_NUM_THREADS, 2 ** 26 // per)))
 
     def _batched_statistics(self, corpus, todo):
         """What :func:`sum_e_steps` over :meth:`_e_step` returns (equal to float64 rounding), computed by

@@ -389,6 +389,10 @@ def _fb_pruned_single(P, state_unit, stay, nxt, skip, n_units, thr_rel, dend, pa
         nx1[s] = nxt[s - 1]
     for s in range(2, S):
         sk2[s] = skip[s - 2]
+    dmax = 0
+    for s in range(S):
+        if dend[s] > dmax:
+            dmax = dend[s]
     e0 = P[0, state_unit[0]]
     if not (e0 > 0.0) or e0 == np.inf:
         return occ, -np.inf, xi, (1 if e0 == 0.0 else 2), pp, info
@@ -407,16 +411,17 @@ def _fb_pruned_single(P, state_unit, stay, nxt, skip, n_units, thr_rel, dend, pa
         chi = min(phi + 2, S - 1)
         left = T - 1 - t
         Pt = P[t]
-        amax = 0.0
-        bad = False
-        for s in range(plo, chi + 1):
+        for s in range(plo, chi + 1):  # no reductions: vectorisable
             p = stay[s] * pv[s + 2]
             p += nx1[s] * pv[s + 1]
             p += sk2[s] * pv[s]
-            a = p * Pt[state_unit[s]] if p > 0.0 else 0.0
+            cur[s] = p * Pt[state_unit[s]] if p > 0.0 else 0.0
+        amax = 0.0
+        bad = False
+        for s in range(plo, chi + 1):
+            a = cur[s]
             if not (a <= 1.7976931348623157e308):  # nan or inf
                 bad = True
-            cur[s] = a
             if a > amax:
                 amax = a
         if bad:
@@ -433,10 +438,14 @@ def _fb_pruned_single(P, state_unit, stay, nxt, skip, n_units, thr_rel, dend, pa
         while not (cur[nhi] > 0.0 and cur[nhi] >= thr and dend[nhi] <= left):
             nhi -= 1
         c = 0.0
-        for s in range(nlo, nhi + 1):
-            if dend[s] > left:
-                cur[s] = 0.0
-            c += cur[s]
+        if left >= dmax:  # every state can still reach the end
+            for s in range(nlo, nhi + 1):
+                c += cur[s]
+        else:
+            for s in range(nlo, nhi + 1):
+                if dend[s] > left:
+                    cur[s] = 0.0
+                c += cur[s]
         if not (c > 1e-290):  # 1 / c would overflow: redo in the log domain
             return occ, -np.inf, xi, 2, pp, info
         ic = 1.0 / c
@@ -472,6 +481,10 @@ def _fb_pruned_single(P, state_unit, stay, nxt, skip, n_units, thr_rel, dend, pa
     wv = np.zeros(S + 2)
     has_path = path.shape[0] == T
     mark = np.full(U, -1, np.int64)
+    xi0 = np.zeros(S)
+    xi1 = np.zeros(S)
+    xi2 = np.zeros(S)
+    gmb = np.empty(S)
     rr = np.empty(U)
     nz = np.empty(U, np.int64)
     n = cidx.shape[1]
@@ -500,22 +513,26 @@ def _fb_pruned_single(P, state_unit, stay, nxt, skip, n_units, thr_rel, dend, pa
                 wv[r] = 0.0
             for r in range(nlo, nhi + 1):
                 wv[r] = bn[r] * Pn[state_unit[r]] * inv
-            for s in range(tlo, thi + 1):
+            bad = False
+            for s in range(tlo, thi + 1):  # no scatter, no early exit: vectorisable
                 x0 = stay[s] * wv[s]
                 x1 = nxt[s] * wv[s + 1]
                 x2 = skip[s] * wv[s + 2]
                 bs = x0 + x1 + x2
                 if bs == np.inf or bs != bs:
-                    return np.zeros((T, U)), -np.inf, np.zeros((S, 3)), 2, np.zeros(T), info
+                    bad = True
                 al = seg[off + s - tlo]
-                xi[s, 0] += al * x0
-                xi[s, 1] += al * x1
-                xi[s, 2] += al * x2
+                xi0[s] += al * x0
+                xi1[s] += al * x1
+                xi2[s] += al * x2
                 bc[s] = bs
-                gm = al * bs
-                occ_t[state_unit[s]] += gm
-                if has_path and path[t] == s:
-                    pp[t] = gm
+                gmb[s] = al * bs
+            if bad:
+                return np.zeros((T, U)), -np.inf, np.zeros((S, 3)), 2, np.zeros(T), info
+            for s in range(tlo, thi + 1):
+                occ_t[state_unit[s]] += gmb[s]
+            if has_path and path[t] >= tlo and path[t] <= thi:
+                pp[t] = gmb[path[t]]
         if count:
             Pt = P[t]
             m = 0
@@ -542,7 +559,11 @@ def _fb_pruned_single(P, state_unit, stay, nxt, skip, n_units, thr_rel, dend, pa
         tmp = bn
         bn = bc
         bc = tmp
-    info[0] = (occ.size + xi.size + pp.size + sc.size + seg.size + pv.size + cur.size + nx1.size + sk2.size
+    for s in range(S):
+        xi[s, 0] = xi0[s]
+        xi[s, 1] = xi1[s]
+        xi[s, 2] = xi2[s]
+    info[0] = (4 * S + occ.size + xi.size + pp.size + sc.size + seg.size + pv.size + cur.size + nx1.size + sk2.size
                + bn.size + bc.size + wv.size + lo.size + hi.size + ptr.size + info.size) * 8.0
     info[1] = wmax
     info[2] = wsum / T
