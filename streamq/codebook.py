@@ -305,16 +305,17 @@ class _Trainer(_Codebook):
     def _groups(self):
         """The partition for the grouped exact search of the codebook being trained (None while K <
         GROUPED_FROM_K): grouped afresh when K changes, then one regrouping step every 10 uses as the codewords
-        move. Only the speed depends on it, never a label."""
+        drift, and at once after codewords jumped (repairs, shifts: ``_moved``). Only the speed depends on it,
+        never a label."""
         C = self.codebook_
         if len(C) < GROUPED_FROM_K:
             return None
         g, uses = getattr(self, "_group_state", (None, 0))
         if g is None or len(g) != len(C):
             g, uses = codeword_groups(C), 0
-        elif uses >= 10:
+        elif uses >= 10 or getattr(self, "_moved", False):  # a moved codeword would inflate its old group
             g, uses = regroup_codewords(C, g), 0
-        self._group_state = (g, uses + 1)
+        self._group_state, self._moved = (g, uses + 1), False
         return g
 
     def _step(self, X):
@@ -354,6 +355,7 @@ class _Trainer(_Codebook):
         noise = (np.random.default_rng(seed).standard_normal((n_dead, self.codebook_.shape[1]))
                  * self._sigma).astype(np.float32)
         self.codebook_, n = repair_dead(self.codebook_, dead, self.distortion_, self.counts_, self._eps, noise)
+        self._moved = True
         self.usage_[dead] = 1.0 / K
         self.distortion_[dead] = 0.0
         self.age_[dead] = 0
@@ -675,7 +677,7 @@ class LBG(_Trainer):
             C = self.codebook_.copy()
             C[movers] = C[targets] + noise
             C[targets] = C[targets] - noise
-            self.codebook_ = C
+            self.codebook_, self._moved = C, True
             self.usage_[movers] = self.usage_[targets] = (self.usage_[targets]) / 2
             self.distortion_[movers] = self.distortion_[targets] = self.distortion_[targets] / 2
             self.age_[movers] = self.idle_[movers] = 0
@@ -692,6 +694,7 @@ class LBG(_Trainer):
             if after > before * (1 - self.tol):  # no real gain: undo (the steps spent stay counted), fewer moves
                 for k, v in saved.items():
                     setattr(self, k, v)
+                self._moved = True
                 if max_moves == 1:
                     return
                 max_moves //= 2
