@@ -114,6 +114,15 @@ def refuse_remote_write(url: str) -> StoreError:
                       f"aws s3 cp --recursive store.zarr {url}`")
 
 
+def _take_rows(block: np.ndarray, idx: np.ndarray) -> np.ndarray:
+    """``block[idx]`` for a C-contiguous 2-D ``block``: each row gathered as one opaque item of D values
+    (np.take over a void view), the same rows as fancy indexing, ~5x faster, ~2x faster than np.take on axis 0."""
+    if block.ndim != 2 or not block.flags.c_contiguous or block.shape[1] == 0:
+        return np.take(block, idx, axis=0)
+    rows = block.view(np.dtype((np.void, block.shape[1] * block.itemsize))).reshape(-1)
+    return np.take(rows, idx).view(block.dtype).reshape(len(idx), block.shape[1])
+
+
 class FrameSource:
     """Base class: streaming access to N frames of dimension D. Subclasses implement ``_read``."""
 
@@ -133,6 +142,10 @@ class FrameSource:
             return np.empty((0, self.dim), np.float32)
         return np.ascontiguousarray(self._read(start, stop), dtype=np.float32)
 
+    def _read_into(self, start: int, stop: int, out: np.ndarray) -> None:
+        """Frames ``[start, stop)`` (inside ``[0, n_frames)``) written into ``out``, float32 (stop - start, D)."""
+        out[...] = self._read(start, stop)
+
     def chunk_ranges(self) -> list[tuple[int, int]]:
         """The storage chunks as (start, stop) frame ranges, in order."""
         c = self.chunk_frames
@@ -140,7 +153,7 @@ class FrameSource:
 
     def check_finite(self, x: np.ndarray, start: int) -> None:
         """Raise StoreError naming the rows of ``x`` (frames ``start``, ``start + 1``, ...) that hold NaN or inf."""
-        if np.isfinite(x.sum(dtype=np.float64)):  # fast path: a float64 sum of float32 frames cannot overflow
+        if np.isfinite(x.sum()):  # fast path: NaN and inf reach the sum; a sum that overflows is checked below
             return
         ok = np.isfinite(x).all(axis=1)
         if not ok.all():
@@ -175,19 +188,30 @@ class FrameSource:
         windows = [ranges[i:i + window_chunks] for i in range(0, len(ranges), max(window_chunks, 1))]
 
         def load(w):
-            """Read window ``w`` and, when shuffling, scatter its rows into a seeded random order (one copy)."""
-            parts = [self.read(a, b) for a, b in windows[w]]
-            if check_finite:
-                for (a, _), p in zip(windows[w], parts):
-                    self.check_finite(p, a)
-            if exclude is not None:
+            """Read window ``w`` and, when shuffling, gather its rows in a seeded random order."""
+            if exclude is None:  # the chunks straight into one block (no concatenation)
+                block = np.empty((sum(b - a for a, b in windows[w]), self.dim), np.float32)
+                o = 0
+                for a, b in windows[w]:
+                    self._read_into(a, b, block[o:o + b - a])
+                    o += b - a
+                if check_finite and not np.isfinite(block.sum()):  # one pass; the culprit chunk named below
+                    o = 0
+                    for a, b in windows[w]:
+                        self.check_finite(block[o:o + b - a], a)
+                        o += b - a
+            else:
+                parts = [self.read(a, b) for a, b in windows[w]]
+                if check_finite:
+                    for (a, _), p in zip(windows[w], parts):
+                        self.check_finite(p, a)
                 for i, (a, b) in enumerate(windows[w]):
                     lo, hi = np.searchsorted(exclude, [a, b])
                     if hi > lo:
                         parts[i] = np.delete(parts[i], exclude[lo:hi] - a, axis=0)
-            block = parts[0] if len(parts) == 1 else np.concatenate(parts)
-            if shuffle:  # np.take is several times faster than fancy indexing for row gathers
-                block = np.take(block, np.random.default_rng([seed, w]).permutation(len(block)), axis=0)
+                block = parts[0] if len(parts) == 1 else np.concatenate(parts)
+            if shuffle:
+                block = _take_rows(block, np.random.default_rng([seed, w]).permutation(len(block)))
             return block
 
         carry = None
@@ -336,6 +360,49 @@ def _remove_stale_creations(path: Path) -> None:
             shutil.rmtree(d, ignore_errors=True)
         except (ValueError, IndexError, PermissionError):
             pass
+
+
+def _member_arrays(g, names) -> dict:
+    """The arrays among ``names`` in group ``g``, by name (absent ones left out): one listing of a local
+    store (instead of a metadata read per name and per check), one lookup per name elsewhere (an object
+    store or HTTP server need not allow listing)."""
+    import zarr
+    from zarr.storage import LocalStore
+
+    if isinstance(g.store, LocalStore):
+        return {m: a for m, a in g.members() if m in names and isinstance(a, zarr.Array)}
+    out = {}
+    for m in names:
+        try:
+            a = g[m]
+        except KeyError:
+            continue
+        if isinstance(a, zarr.Array):
+            out[m] = a
+    return out
+
+
+def _write_concurrently(writes) -> None:
+    """For each (zarr.Array, shape, selection, values): resize the array to ``shape`` (when it differs), then
+    write ``values`` at ``selection``; the arrays concurrently in one call into zarr's event loop. Returns
+    when every write has finished; raises the first error (after all of them have stopped)."""
+    import asyncio
+
+    from zarr.core.sync import sync
+
+    async def one(arr, shape, sel, values):
+        a = arr.async_array
+        if tuple(a.metadata.shape) != tuple(shape):
+            await a.resize(shape)
+        await a.setitem(sel, values)
+
+    async def every():
+        res = await asyncio.gather(*(one(*w) for w in writes), return_exceptions=True)
+        err = next((r for r in res if isinstance(r, BaseException)), None)
+        if err is not None:
+            raise err
+
+    sync(every())
 
 
 class FrameStore(FrameSource):
@@ -517,24 +584,27 @@ class FrameStore(FrameSource):
         names = ["frames", "offsets", "ids", "transcripts", "paths", "durations"]
         if self.format_version >= 2:
             names.append("speakers")
-        missing = [m for m in names if m not in g]
+        arrays = _member_arrays(g, names)
+        missing = [m for m in names if m not in arrays]
         if missing:
             raise self._damaged(f"missing array(s) {', '.join(missing)}")
         if n < 0 or u < 0:
             raise self._damaged(f"negative committed counts (n_frames={n}, n_utterances={u})")
-        self._frames = g["frames"]
+        self._arrays = arrays
+        self._frames = arrays["frames"]
         fs = self._frames.shape
         if len(fs) != 2 or fs[1] != self.dim:
             raise self._damaged(f"frames have shape {fs}, dim is {self.dim}")
         if fs[0] < n:
             raise self._damaged(f"{n} frames committed but the frames array holds {fs[0]}")
         for m in names[2:]:
-            if g[m].shape[0] < u:
-                raise self._damaged(f"{u} utterances committed but '{m}' holds {g[m].shape[0]}")
-        if g["offsets"].shape[0] < u + 1:
-            raise self._damaged(f"{u} utterances committed but 'offsets' holds {g['offsets'].shape[0]} (need {u + 1})")
+            if arrays[m].shape[0] < u:
+                raise self._damaged(f"{u} utterances committed but '{m}' holds {arrays[m].shape[0]}")
+        if arrays["offsets"].shape[0] < u + 1:
+            raise self._damaged(f"{u} utterances committed but 'offsets' holds {arrays['offsets'].shape[0]} "
+                                f"(need {u + 1})")
         self.chunk_frames = int(self._frames.chunks[0])
-        off = np.asarray(g["offsets"][:u + 1], np.int64)
+        off = np.asarray(arrays["offsets"][:u + 1], np.int64)
         if off[0] != 0 or off[-1] != n:
             raise self._damaged(f"offsets[0] = {off[0]}, offsets[{u}] = {off[-1]}, committed frames {n}")
         if u and not np.all(np.diff(off) > 0):
@@ -543,7 +613,7 @@ class FrameStore(FrameSource):
         self._offsets = off
         fc = self.feature_config
         if u and all(k in fc for k in ("winlen", "winstep", "sample_rate")):  # made by ingest: T follows duration
-            dur = np.asarray(g["durations"][:u], np.float64)
+            dur = np.asarray(arrays["durations"][:u], np.float64)
             expect = 1 + (dur - float(fc["winlen"])) / float(fc["winstep"])
             bad = np.flatnonzero((dur > 0) & (np.abs(np.diff(off) - expect) > 2))
             if len(bad):
@@ -597,27 +667,18 @@ class FrameStore(FrameSource):
         lengths = np.array([len(u["frames"]) for u in utterances], np.int64)
         n1, u1 = n0 + len(frames), u0 + len(utterances)
         # 1. data past the committed counts (not data until step 2). Shapes end exactly at the new counts,
-        #    which drops rows a killed append left behind.
-        if self._frames.shape[0] != n1:
-            self._frames.resize((n1, self.dim))
-        self._frames[n0:n1] = frames
+        #    which drops rows a killed append left behind. The arrays are written concurrently (one round
+        #    trip to zarr's event loop instead of two per array); all of them before the commit.
         cols = {"ids": [u["id"] for u in utterances],
                 "transcripts": [u.get("transcript", "") or "" for u in utterances],
                 "speakers": [u.get("speaker", "") or "" for u in utterances],
                 "paths": [str(u.get("path", "") or "") for u in utterances]}
-        for name, values in cols.items():
-            arr = g[name]
-            if arr.shape[0] != u1:
-                arr.resize((u1,))
-            arr[u0:u1] = np.array(values, dtype=str)
-        dur = g["durations"]
-        if dur.shape[0] != u1:
-            dur.resize((u1,))
-        dur[u0:u1] = np.array([float(u.get("duration", 0.0) or 0.0) for u in utterances])
-        off = g["offsets"]
-        if off.shape[0] != u1 + 1:
-            off.resize((u1 + 1,))
-        off[u0 + 1:u1 + 1] = n0 + np.cumsum(lengths)
+        writes = [("frames", (n1, self.dim), slice(n0, n1), frames)]
+        writes += [(name, (u1,), slice(u0, u1), np.array(values, dtype=str)) for name, values in cols.items()]
+        writes.append(("durations", (u1,), slice(u0, u1),
+                       np.array([float(u.get("duration", 0.0) or 0.0) for u in utterances])))
+        writes.append(("offsets", (u1 + 1,), slice(u0 + 1, u1 + 1), n0 + np.cumsum(lengths)))
+        _write_concurrently([(self._arrays[name], shape, sel, values) for name, shape, sel, values in writes])
         _crash_point("append-before-commit")
         # 2. the commit point: one key, one atomic write of zarr.json
         g.update_attributes({"commit": {"n_frames": int(n1), "n_utterances": int(u1)}})
@@ -629,13 +690,21 @@ class FrameStore(FrameSource):
     def _read(self, start, stop):
         return self._frames[start:stop]
 
+    def _read_into(self, start, stop, out):
+        if self._frames.dtype != np.float32 or not out.flags.c_contiguous:
+            return super()._read_into(start, stop, out)
+        from zarr.core.buffer.cpu import NDBuffer
+
+        self._frames.get_basic_selection(slice(int(start), int(stop)), out=NDBuffer.from_numpy_array(out))
+
     def _load_index(self):
         if self._index is None:
             g, u = self.group, self.n_utterances
             cols = INDEX_STR if self.format_version >= 2 else tuple(c for c in INDEX_STR if c != "speakers")
-            ix = {name: ([str(s) for s in g[name][:u]] if u else []) for name in cols}
+            arr = self._arrays
+            ix = {name: ([str(s) for s in arr[name][:u]] if u else []) for name in cols}
             ix.setdefault("speakers", [""] * u)
-            ix["durations"] = np.asarray(g["durations"][:u], np.float64) if u else np.zeros(0)
+            ix["durations"] = np.asarray(arr["durations"][:u], np.float64) if u else np.zeros(0)
             self._index = ix
         return self._index
 
@@ -643,7 +712,7 @@ class FrameStore(FrameSource):
     def offsets(self) -> np.ndarray:
         """int64 (U + 1): utterance u is frames ``offsets[u]:offsets[u+1]``."""
         if self._offsets is None:
-            self._offsets = np.asarray(self.group["offsets"][:self.n_utterances + 1], np.int64)
+            self._offsets = np.asarray(self._arrays["offsets"][:self.n_utterances + 1], np.int64)
         return self._offsets
 
     ids = property(lambda self: self._load_index()["ids"])
