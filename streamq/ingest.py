@@ -186,7 +186,11 @@ def _worker_init():
     """One BLAS thread per extraction process: ``jobs`` processes already use the cores, and OpenBLAS
     threads of several processes spinning against each other made --jobs 2 slower than --jobs 1."""
     global _LIMITS
+    import signal
+
     from threadpoolctl import threadpool_limits
+
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a worker forked by _Extractor's process: die at once
 
     _LIMITS = threadpool_limits(limits=1)
 
@@ -236,6 +240,110 @@ def _pool_results(pool, items, config, per_task):
     tasks = ((items[i:i + per_task], config) for i in range(0, len(items), per_task))
     for batch in pool.imap(_extract_many, tasks):
         yield from batch
+
+
+def _per_task(n: int, jobs: int) -> int:
+    """Clips per pool task: 8 (fewer round trips), fewer on short listings (every process gets work)."""
+    return max(1, min(8, n // (4 * jobs)))
+
+
+class _Extractor:
+    """Extraction for a new store, started before the writer has imported zarr or created the store.
+
+    One forked process (the parent's imports, numpy and streamq, come with it) lists the corpus, sends the
+    listing, imports the decoders and the MFCC code, forks ``jobs`` extraction workers (they inherit those
+    imports) and relays their results in source order; meanwhile the parent imports zarr and creates the
+    store, on the other core. Without it those steps ran one after another in the parent (listing, decoder
+    imports, fork, zarr) and one core sat idle. The child never touches the store; it stops when the parent
+    closes the connection or is killed (a send to a dead parent fails)."""
+
+    def __init__(self, src, split, config, jobs):
+        ctx = multiprocessing.get_context("fork")
+        self._conn, child = ctx.Pipe(duplex=False)
+        self._proc = ctx.Process(target=_extractor_main, args=(child, self._conn, str(src), split, config, jobs),
+                                 name="streamq-ingest-extract")
+        self._proc.start()
+        child.close()
+        self._done = False
+
+    def _recv(self):
+        try:
+            kind, payload = self._conn.recv()
+        except EOFError:
+            raise RuntimeError(f"the extraction process stopped (exit code {self._proc.exitcode})") from None
+        if kind == "error":
+            raise payload
+        return kind, payload
+
+    def items(self) -> list:
+        """The listing (what :func:`discover` returns), or its error."""
+        kind, items = self._recv()
+        assert kind == "items"
+        return items
+
+    def results(self):
+        """(item, frames, duration, error) for the usable items, in listing order."""
+        while True:
+            kind, batch = self._recv()
+            if kind == "done":
+                self._done = True
+                return
+            yield from batch
+
+    def close(self):
+        """Stop the extraction process: it is leaving once it has sent everything, else stopped now
+        (SIGTERM: it terminates its workers)."""
+        self._conn.close()
+        if not self._done:
+            self._proc.terminate()
+        self._proc.join(timeout=10)
+        if self._proc.is_alive():
+            self._proc.kill()
+            self._proc.join()
+
+
+def _extractor_main(conn, parent_end, src, split, config, jobs):
+    """The body of :class:`_Extractor`'s process."""
+    import signal
+    import sys
+
+    parent_end.close()  # else a dead parent's pipe still has a reader (this process) and sends would block
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))  # unwinds through the pool's terminate
+
+    def send(kind, payload):
+        conn.send((kind, payload))
+
+    try:
+        try:
+            items = discover(src, split)
+        except Exception as e:
+            send("error", e)
+            return
+        send("items", items)
+        usable = [it for it in items if it.error is None]
+        _preload()
+        if len(usable) > 1:
+            tasks = ((usable[i:i + k], config) for k in [_per_task(len(usable), jobs)]
+                     for i in range(0, len(usable), k))
+            with multiprocessing.get_context("fork").Pool(jobs, initializer=_worker_init) as pool:
+                for batch in pool.imap(_extract_many, tasks):
+                    send("batch", batch)
+        else:
+            _worker_init()
+            send("batch", [_extract_one((it, config)) for it in usable])
+        send("done", None)
+    except (BrokenPipeError, ConnectionResetError, SystemExit):  # the parent has stopped listening
+        pass
+    except BaseException as e:  # noqa: BLE001 - any failure goes to the parent, which raises it
+        try:
+            send("error", e)
+        except Exception:
+            try:
+                send("error", RuntimeError(f"extraction failed: {type(e).__name__}: {e}"))
+            except Exception:
+                pass
+    finally:
+        conn.close()
 
 
 # ------------------------------------------------------------------------------------ ingest on Dask
@@ -352,19 +460,34 @@ def ingest(src, store_path, config: FeatureConfig | None = None, split: str = "v
     if is_url(str(store_path)):
         raise refuse_remote_write(str(store_path))
     config = config or FeatureConfig()
-    items = discover(src, split)
+    pool, early, extractor = None, None, None
+    new_store = not (Path(store_path) / "zarr.json").exists()
+    if client is None and jobs > 1 and new_store and "fork" in multiprocessing.get_all_start_methods():
+        # a new store: nothing is stored yet, so every usable item will be extracted; start at once, listing
+        # and decoder imports in the extraction process while this one imports zarr (see _Extractor)
+        extractor = _Extractor(src, split, config, jobs)
+        try:
+            import zarr  # noqa: F401 - the writer's import, on the other core
+
+            items = extractor.items()
+        except BaseException:
+            extractor.close()
+            raise
+        early = ([it for it in items if it.error is None], extractor.results())
+    else:
+        items = discover(src, split)
+        if client is None and jobs > 1 and len(items) > 1 and new_store:  # no fork: a spawned pool, started early
+            pool = _mp_context().Pool(jobs, initializer=_worker_init)
+            usable = [it for it in items if it.error is None]
+            early = (usable, _pool_results(pool, usable, config, _per_task(len(usable), jobs)))
     rejects = []
-    pool, early = None, None
-    if client is None and jobs > 1 and len(items) > 1 and not (Path(store_path) / "zarr.json").exists():
-        # a new store: nothing is stored yet, so every usable item will be extracted; start at once
-        pool = _mp_context().Pool(jobs, initializer=_worker_init)
-        usable = [it for it in items if it.error is None]
-        early = (usable, _pool_results(pool, usable, config, max(1, min(8, len(usable) // (4 * jobs)))))
     try:
         with writer_lock(store_path):  # held from before the store exists: two ingests never race to create it
             summary = _ingest_locked(src, store_path, config, items, rejects, jobs, strict, chunk_frames, quiet,
                                      commit_seconds, client, pool, early)
     finally:
+        if extractor is not None:
+            extractor.close()
         if pool:
             pool.terminate()
             pool.join()
@@ -415,7 +538,7 @@ def _ingest_locked(src, store_path, config, items, rejects, jobs, strict, chunk_
         results = (r for it, r in zip(*early) if id(it) in want)
     elif jobs > 1 and len(todo) > 1:
         pool = _mp_context().Pool(jobs, initializer=_worker_init)
-        results = _pool_results(pool, todo, config, max(1, min(8, len(todo) // (4 * jobs))))
+        results = _pool_results(pool, todo, config, _per_task(len(todo), jobs))
     else:
         results = map(_extract_one, ((it, config) for it in todo))
     try:
