@@ -183,7 +183,8 @@ def time_align(store, model, out, iters, jobs, **kw):
             "em_iter_s": float(np.mean(em)), "aligned": s["aligned"], "utterances": s["utterances"]}
 
 
-def bench_align_modes(d, copies, jobs, gselect, dense_iters_16384, ks, iters=30, modes=("sparse", "dense")):
+def bench_align_modes(d, copies, jobs, gselect, dense_iters_16384, ks, iters=30, modes=("sparse", "dense"),
+                      sparse_kw=None):
     import tempfile
 
     demo, corpus = prepare_align_bench(d, copies)
@@ -193,24 +194,28 @@ def bench_align_modes(d, copies, jobs, gselect, dense_iters_16384, ks, iters=30,
         # compile caches once (a 1-iteration run on the demo for each mode)
         for _, mode in todo:
             time_align(demo, f"{d}/k1024", f"{tmp}/warm{mode}", 1, jobs, gselect=mode)
+        skw = dict(sparse_kw or {})
         for K in ks:
             for name, g in todo:
                 n = dense_iters_16384 if (K == 16384 and g is None) else iters
-                r = time_align(corpus, f"{d}/k{K}", f"{tmp}/{name}{K}", n, jobs, gselect=g)
+                r = time_align(corpus, f"{d}/k{K}", f"{tmp}/{name}{K}", n, jobs, gselect=g,
+                               **(skw if g is not None else {}))
                 fixed = r["wall_s"] - r["em_s"]
                 wall30 = fixed + r["em_iter_s"] * iters
                 r.update(K=K, mode=name, gselect=g, extrapolated=n != iters, wall_30_s=wall30,
+                         **({k: v for k, v in skw.items()} if g is not None else {}),
                          hours_per_min=r["audio_hours"] / (wall30 / 60),
                          em_hours_per_min=r["audio_hours"] / (r["em_iter_s"] * iters / 60))
                 rows.append(r)
-                print(f"K={K:5d} {name:6s} (gselect={g}): {r['audio_hours']:.3f} h, {iters} EM iterations, jobs={jobs}: "
+                extra = "".join(f", {k}={v}" for k, v in skw.items()) if g is not None else ""
+                print(f"K={K:5d} {name:6s} (gselect={g}{extra}): {r['audio_hours']:.3f} h, {iters} EM iterations, jobs={jobs}: "
                       f"wall {wall30:.1f} s{' (extrapolated from %d iterations)' % n if n != iters else ''}, "
                       f"EM {r['em_iter_s']:.3f} s/iter -> {r['hours_per_min']:.2f} audio h / wall min "
                       f"(EM alone {r['em_hours_per_min']:.2f})", flush=True)
     return rows
 
 
-def eval_modes(d, jobs, gselect, iters=30):
+def eval_modes(d, jobs, gselect, iters=30, sparse_kw=None):
     import json
     import subprocess
     import sys
@@ -222,13 +227,15 @@ def eval_modes(d, jobs, gselect, iters=30):
     out = {}
     with tempfile.TemporaryDirectory(dir=d) as tmp:
         for name, g in (("sparse", gselect), ("dense", None)):
-            time_align(demo, f"{d}/k1024", f"{tmp}/{name}", iters, jobs, gselect=g)
+            time_align(demo, f"{d}/k1024", f"{tmp}/{name}", iters, jobs, gselect=g,
+                       **(dict(sparse_kw or {}) if g is not None else {}))
             r = subprocess.run([sys.executable, str(root / "scripts" / "eval_alignment.py"), "--json", str(demo),
                                 f"{tmp}/{name}", str(root / "data" / "commonvoice_demo" / "word_times.tsv")],
                                capture_output=True, text=True, check=True)
             e = json.loads(r.stdout)
             out[name] = {k: v for k, v in e.items() if k.startswith("within") or k.startswith("median")}
-            print(f"word boundaries, Common Voice demo, K=1024, {name} (gselect={g}): "
+            print(f"word boundaries, Common Voice demo, K=1024, {name} (gselect={g}"
+                  f"{', ' + str(sparse_kw) if g is not None and sparse_kw else ''}): "
                   + ", ".join(f"{k} {v:.4f}" for k, v in out[name].items()), flush=True)
     return out
 
@@ -252,16 +259,19 @@ def main(argv=None):
     ap.add_argument("--ks", default="1024,16384")
     ap.add_argument("--dense-iters-16384", type=int, default=2)
     ap.add_argument("--modes", default="sparse,dense", help="with --align-bench: the emission modes to time")
+    ap.add_argument("--sparse-beam", type=float, default=None,
+                    help="with --align-bench: the sparse runs' lattice beam (default: the aligner's; dense keeps it)")
     ap.add_argument("--eval", action="store_true", help="with --align-bench: word-boundary accuracy, sparse vs dense")
     ap.add_argument("--skip-kernels", action="store_true")
     a = ap.parse_args(argv)
     out = {}
     if a.align_bench:
         ks = [int(k) for k in a.ks.split(",") if k]
+        skw = {"beam": a.sparse_beam} if a.sparse_beam is not None else {}
         out["align_modes"] = bench_align_modes(a.align_bench, a.copies, a.jobs, a.gselect, a.dense_iters_16384, ks,
-                                               a.iters, tuple(m for m in a.modes.split(",") if m))
+                                               a.iters, tuple(m for m in a.modes.split(",") if m), skw)
         if a.eval:
-            out["accuracy"] = eval_modes(a.align_bench, a.jobs, a.gselect, a.iters)
+            out["accuracy"] = eval_modes(a.align_bench, a.jobs, a.gselect, a.iters, skw)
     if a.skip_kernels or a.align_bench:
         if a.json:
             with open(a.json, "w") as f:

@@ -12,7 +12,10 @@ Model
   ``logsumexp_k(log w_uk + log N_k(x))`` over them (:mod:`streamq.kernels.tied`). EM
   (:mod:`streamq.kernels.lattice`: scaled forward-backward on a beam-pruned, checkpointed lattice, so
   long recordings fit in memory) re-estimates only the weights (and, optionally, each utterance's
-  self-loop probability).
+  self-loop probability). With selection the cache holds linear likelihoods relative to each frame's best
+  (``exp(log N_k(x_t) - shift_t)``, float32), so an iteration is exp/log-free arithmetic, and it runs as one
+  parallel kernel call per batch of utterances (:func:`streamq.kernels.lattice.sparse_e_steps`: emissions,
+  lattice and counts fused; the same bits for every ``n_jobs``).
 - **Durations.** Self-loop ``p = 1 - S/T`` per utterance (E[d] = 1/(1-p) = T/S), floored.
 
 :class:`Aligner` follows scikit-learn's conventions: ``fit(X, y)`` with X the utterances (a FrameStore,
@@ -306,7 +309,8 @@ class Aligner(BaseEstimator):
         Measured on a 203-clip corpus of 19 espeak and MBROLA voices (48 kHz MP3, noise floor), 3 seeds,
         share of word boundaries within 50 ms: K = 1024: 93.0 % with 1, 94.0 % with 100, 94.6 % with
         300; K = 256: 94.5 % with 1, 94.6 % with 25, 94.5 % with 100 (scripts/eval_alignment.py).
-    n_jobs : int, threads over utterances (kernels release the GIL).
+    n_jobs : int, threads over utterances (kernels release the GIL; with selection, the Numba threads of the
+        batched E-step, at most the configured number).
     cache_mb : float, keep per-frame Gaussian likelihoods in memory between iterations up to this size
         (MiB); utterances that do not fit are recomputed every iteration. Sparse entries take
         T (8 gselect + 8) bytes, dense ones T K 8.

@@ -15,7 +15,9 @@ O(T U + sqrt(T) width) / O(T width) bytes in memory, and equal the dense kernels
 Emissions are given per *unit* (T, U) together with ``state_unit`` (S,), the unit each state
 emits with (several states share a unit: the same character in several places of a transcript).
 Use ``state_unit = arange(S)`` for one unit per state. The emission side (diagonal Gaussians,
-tied mixtures, their statistics) is in :mod:`streamq.kernels.tied`.
+tied mixtures, their statistics) is in :mod:`streamq.kernels.tied`, except for the aligner's sparse E-step
+(:func:`sparse_e_step`, :func:`sparse_e_steps`: cached Gaussian-selected emissions, the pruned lattice and the
+component counts fused in one call), which lives here with the lattice it calls.
 
 All kernels are pure (arrays in, arrays out), compiled with ``cache=True`` and never read
 module globals. Log-domain code uses no fastmath at all (inputs may hold ``-inf``).
@@ -1146,8 +1148,10 @@ def sparse_e_steps(cidx, ex, t_ptr, comps, c_ptr, units, u_ptr, state_unit, stay
                                 stay[s0:s1], nxt[s0:s1], skip[s0:s1], WT, beams, occ_floor, out, res[i])
             if res[i, 1] != 0:
                 continue
-            for c in range(C):
+            for c in range(C):  # most (component, unit) pairs never meet: skip their zeros (x + 0 = x)
                 row = acc[comps[c0 + c]]
                 for u in range(U):
-                    row[units[u0 + u]] += out[c, u]
+                    v = out[c, u]
+                    if v != 0.0:
+                        row[units[u0 + u]] += v
     return res
