@@ -271,6 +271,13 @@ def test_codeword_groups_threshold_memo_and_regroup():
     scanned = _assign_grouped(Xc, Cc, group_codewords(Cc), lab, d2)
     assert scanned.mean() < 4096 / 8
     npt.assert_array_equal(lab, assign(Xc, Cc)[0])
+    # an isotropic cloud: the bounds do not pay, so after the 1024-point probe the fused scan takes over
+    Cu = rng.standard_normal((4096, 13)).astype(np.float32)
+    Xu = rng.standard_normal((3000, 13)).astype(np.float32)
+    lab, d2 = np.empty(3000, np.int64), np.empty(3000, np.float32)
+    scanned = _assign_grouped(Xu, Cu, group_codewords(Cu), lab, d2)
+    assert (scanned[1024:] == 4096).all() and scanned[:1024].mean() > 4096 / 6
+    check_assign(Xu, Cu, group_of=group_codewords(Cu))
 
 
 @pytest.mark.parametrize("B,K,D,n_slices", [(1, 1, 1, None), (500, 7, 13, None), (20000, 64, 3, 2),

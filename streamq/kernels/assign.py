@@ -294,8 +294,10 @@ def assign(X, C, out_labels=None, out_d2=None, *, kblock=None, tiles_per_group=N
         bounds (``_grouped_kernel``): per point the G group centres, then only the groups that the
         triangle inequality cannot rule out, nearest first. Same result, ranked on float32
         ``||x' - c'||^2`` directly (no expansion; so it may break a near-tie the other way than the fused
-        scan). Pays from K ~ 2048 (K = 16384, G = 271: ~400 codewords scanned per point). The layout is
-        rebuilt from ``C`` on every call (O(K D)): a stale partition costs speed, never correctness.
+        scan). Pays from K ~ 2048 on structured data (speech frames, K = 16384, G = 271: ~400 codewords
+        scanned per point, ~6x faster). Where the bounds do not pay (an unstructured cloud) the batch
+        falls back to the fused scan after a 1024-point probe. The layout is rebuilt from ``C`` on every
+        call (O(K D)): a stale partition costs speed, never correctness.
 
     Returns
     -------
@@ -495,15 +497,36 @@ def grouped_layout(C, group_of) -> GroupedCodebook:
                            np.ascontiguousarray(Cs[order].T), order.astype(np.int64))
 
 
+_PROBE = 1024  # points searched by group bounds before deciding whether the bounds pay on this batch
+_GROUPED_WORTH = 6.0  # the bounds pay while (centres + codewords scanned) per point < K / this (a scan by
+# bounds costs ~5x the fused kernel per codeword: one point against one group's columns, not 48 x 4 tiles)
+
+
 def _assign_grouped(X, C, group_of, out_labels, out_d2):
-    """:func:`assign` by group bounds; returns the codewords scanned per point (int64 (B,))."""
+    """:func:`assign` by group bounds; returns the codewords scanned per point (int64 (B,); K where the fused
+    scan did the work). The first ``_PROBE`` points go by the bounds; if they scanned too many codewords for
+    the bounds to pay (unstructured data: an isotropic cloud in 13 dimensions scans most of K) the rest of the
+    batch takes the fused scan, so a partition never costs more than a probe."""
     lay = grouped_layout(C, group_of)
     B, D = X.shape
+    K, G = C.shape[0], lay.rad.shape[0]
     scanned = np.empty(B, np.int64)
     eps = np.float32((D + 8) * 2.0 ** -23)  # > 2x the worst-case relative error of a D-term float32 sum
-    block = int(max(16, min(256, B // (8 * numba.get_num_threads()) or 16)))
-    _grouped_kernel(X, C, lay.shift, lay.scale, lay.centT, lay.rad, lay.gptr, lay.memT, lay.ids, eps, block,
-                    out_labels, out_d2, scanned)
+
+    def run(a, b):
+        block = int(max(16, min(256, (b - a) // (8 * numba.get_num_threads()) or 16)))
+        _grouped_kernel(X[a:b], C, lay.shift, lay.scale, lay.centT, lay.rad, lay.gptr, lay.memT, lay.ids, eps,
+                        block, out_labels[a:b], out_d2[a:b], scanned[a:b])
+
+    p = min(B, _PROBE)
+    run(0, p)
+    if p < B:
+        probe = scanned[:p][out_labels[:p] >= 0]
+        if len(probe) and (G + probe.mean()) * _GROUPED_WORTH < K:
+            run(p, B)
+        else:
+            _assign_fused(X[p:], C, out_labels[p:], out_d2[p:])
+            scanned[p:] = K
     far = np.flatnonzero(out_labels < 0)
     if len(far):
         lab, d2 = np.empty(len(far), np.int64), np.empty(len(far), np.float32)
