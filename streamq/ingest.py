@@ -248,83 +248,87 @@ def _per_task(n: int, jobs: int) -> int:
 
 
 class _Extractor:
-    """Extraction for a new store, started before the writer has imported zarr or created the store.
+    """Extraction for a new store, started before the corpus is listed and the store created.
 
-    One forked process (the parent's imports, numpy and streamq, come with it) lists the corpus, sends the
-    listing, imports the decoders and the MFCC code, forks ``jobs`` extraction workers (they inherit those
-    imports) and relays their results in source order; meanwhile the parent imports zarr and creates the
-    store, on the other core. Without it those steps ran one after another in the parent (listing, decoder
-    imports, fork, zarr) and one core sat idle. The child never touches the store; it stops when the parent
-    closes the connection or is killed (a send to a dead parent fails)."""
+    One forked process (numpy and streamq come with it) imports the decoders and the MFCC code while this
+    process lists the corpus; it receives the usable items, forks ``jobs`` extraction workers (they inherit
+    those imports) and relays their results in source order, while this process imports zarr and creates
+    the store on the other core. Without it these steps ran one after another in the writer and one core sat
+    idle. The child never touches the store; it stops when the writer closes the connection or dies (a send
+    to a dead writer fails)."""
 
-    def __init__(self, src, split, config, jobs):
+    def __init__(self, config, jobs):
         ctx = multiprocessing.get_context("fork")
-        self._conn, child = ctx.Pipe(duplex=False)
-        self._proc = ctx.Process(target=_extractor_main, args=(child, self._conn, str(src), split, config, jobs),
+        self._conn, child = ctx.Pipe(duplex=True)
+        self._proc = ctx.Process(target=_extractor_main, args=(child, self._conn, config, jobs),
                                  name="streamq-ingest-extract")
         self._proc.start()
         child.close()
-        self._done = False
+        self._done, self._sender = False, None
 
-    def _recv(self):
+    def start(self, usable) -> None:
+        """Extract ``usable`` (items in source order). Sent by a thread: a long listing fills the pipe until
+        the child, still importing, reads it, and this process has zarr to import meanwhile."""
+        import threading
+
+        self._sender = threading.Thread(target=self._send_items, args=(list(usable),), daemon=True)
+        self._sender.start()
+
+    def _send_items(self, usable):
         try:
-            kind, payload = self._conn.recv()
-        except EOFError:
-            raise RuntimeError(f"the extraction process stopped (exit code {self._proc.exitcode})") from None
-        if kind == "error":
-            raise payload
-        return kind, payload
-
-    def items(self) -> list:
-        """The listing (what :func:`discover` returns), or its error."""
-        kind, items = self._recv()
-        assert kind == "items"
-        return items
+            self._conn.send(usable)
+        except OSError:  # the child is gone; results() says so
+            pass
 
     def results(self):
-        """(item, frames, duration, error) for the usable items, in listing order."""
+        """(item, frames, duration, error) for the items given to :meth:`start`, in order."""
+        self._sender.join()
         while True:
-            kind, batch = self._recv()
+            try:
+                kind, payload = self._conn.recv()
+            except EOFError:
+                raise RuntimeError(f"the extraction process stopped (exit code {self._proc.exitcode})") from None
+            if kind == "error":
+                raise payload
             if kind == "done":
                 self._done = True
                 return
-            yield from batch
+            yield from payload
 
     def close(self):
-        """Stop the extraction process: it is leaving once it has sent everything, else stopped now
-        (SIGTERM: it terminates its workers)."""
-        self._conn.close()
+        """Stop the extraction process: it leaves by itself once it has sent everything, else it is stopped
+        now (SIGTERM: it terminates its workers)."""
         if not self._done:
             self._proc.terminate()
+        if self._sender is not None:
+            self._sender.join()
+        self._conn.close()
         self._proc.join(timeout=10)
         if self._proc.is_alive():
             self._proc.kill()
             self._proc.join()
 
 
-def _extractor_main(conn, parent_end, src, split, config, jobs):
+def _extractor_main(conn, parent_end, config, jobs):
     """The body of :class:`_Extractor`'s process."""
     import signal
     import sys
 
-    parent_end.close()  # else a dead parent's pipe still has a reader (this process) and sends would block
+    parent_end.close()  # else a dead writer's pipe still has a reader (this process) and sends would block
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))  # unwinds through the pool's terminate
 
     def send(kind, payload):
         conn.send((kind, payload))
 
     try:
-        try:
-            items = discover(src, split)
-        except Exception as e:
-            send("error", e)
-            return
-        send("items", items)
-        usable = [it for it in items if it.error is None]
         _preload()
+        try:
+            usable = conn.recv()
+        except EOFError:  # the writer failed before it had a listing (a corpus error)
+            return
         if len(usable) > 1:
-            tasks = ((usable[i:i + k], config) for k in [_per_task(len(usable), jobs)]
-                     for i in range(0, len(usable), k))
+            k = _per_task(len(usable), jobs)
+            tasks = ((usable[i:i + k], config) for i in range(0, len(usable), k))
             with multiprocessing.get_context("fork").Pool(jobs, initializer=_worker_init) as pool:
                 for batch in pool.imap(_extract_many, tasks):
                     send("batch", batch)
@@ -332,9 +336,9 @@ def _extractor_main(conn, parent_end, src, split, config, jobs):
             _worker_init()
             send("batch", [_extract_one((it, config)) for it in usable])
         send("done", None)
-    except (BrokenPipeError, ConnectionResetError, SystemExit):  # the parent has stopped listening
+    except (BrokenPipeError, ConnectionResetError, SystemExit):  # the writer has stopped listening
         pass
-    except BaseException as e:  # noqa: BLE001 - any failure goes to the parent, which raises it
+    except BaseException as e:  # noqa: BLE001 - any failure goes to the writer, which raises it
         try:
             send("error", e)
         except Exception:
@@ -463,17 +467,18 @@ def ingest(src, store_path, config: FeatureConfig | None = None, split: str = "v
     pool, early, extractor = None, None, None
     new_store = not (Path(store_path) / "zarr.json").exists()
     if client is None and jobs > 1 and new_store and "fork" in multiprocessing.get_all_start_methods():
-        # a new store: nothing is stored yet, so every usable item will be extracted; start at once, listing
-        # and decoder imports in the extraction process while this one imports zarr (see _Extractor)
-        extractor = _Extractor(src, split, config, jobs)
+        # a new store: nothing is stored yet, so every usable item will be extracted; start at once (the
+        # decoder imports while this process lists the corpus, then zarr here; see _Extractor)
+        extractor = _Extractor(config, jobs)
         try:
+            items = discover(src, split)
+            usable = [it for it in items if it.error is None]
+            extractor.start(usable)
             import zarr  # noqa: F401 - the writer's import, on the other core
-
-            items = extractor.items()
         except BaseException:
             extractor.close()
             raise
-        early = ([it for it in items if it.error is None], extractor.results())
+        early = (usable, extractor.results())
     else:
         items = discover(src, split)
         if client is None and jobs > 1 and len(items) > 1 and new_store:  # no fork: a spawned pool, started early
