@@ -11,13 +11,17 @@ Usage::
     python scripts/bench_ingest.py                       # synthesises a corpus of --clips clips in a temp dir
     python scripts/bench_ingest.py --corpus DIR          # any streamq ingest SRC
     python scripts/bench_ingest.py --stream-frames 5000000 --repeats 3
+    python scripts/bench_ingest.py --corpus DIR --no-stream      # only the ingest part (--no-ingest: the other)
 
-Prints medians over ``--repeats`` and ratios. The machine may be shared: compare ratios, not seconds.
+Prints medians over ``--repeats`` and ratios, and the load average before and after. The plain loop and the
+two ingests alternate within each repeat, so a change of load hits all three. The machine may be shared:
+compare ratios, not seconds.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import subprocess
 import sys
@@ -98,37 +102,48 @@ def main():
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--stream-frames", type=int, default=3_000_000)
     ap.add_argument("--batch", type=int, default=4096)
+    ap.add_argument("--no-ingest", action="store_true", help="skip the ingest part")
+    ap.add_argument("--no-stream", action="store_true", help="skip the streaming part")
     a = ap.parse_args()
+    print("load average before: {:.2f} {:.2f} {:.2f}".format(*os.getloadavg()))
     with tempfile.TemporaryDirectory() as tmp:
-        corpus = a.corpus
-        if corpus is None:
-            corpus = Path(tmp) / "corpus"
-            subprocess.run([sys.executable, str(ROOT / "scripts" / "make_corpus.py"), "--out", str(corpus),
-                            "--n-clips", str(a.clips), "--jobs", "2", "--random-sentences"], check=True,
-                           capture_output=True)
-        from streamq.ingest import discover
+        if not a.no_ingest:
+            bench_ingest_part(a, tmp)
+        if not a.no_stream:
+            s = bench_stream(a.stream_frames, 13, a.batch, a.repeats, tmp)
+            base = s["in-order chunk reads"]
+            print(f"\nstreaming: {a.stream_frames:,} x 13 float32 frames, batch {a.batch}, median of {a.repeats}")
+            print(f"{'method':28s} {'Mframes/s':>10s} {'vs in-order reads':>18s}")
+            for k, v in s.items():
+                print(f"{k:28s} {v / 1e6:10.2f} {v / base:17.2f}x")
+    print("load average after: {:.2f} {:.2f} {:.2f}".format(*os.getloadavg()))
 
-        items = discover(corpus)
-        plain, j1, j2 = [], [], []
-        for _ in range(a.repeats):
-            t = time.perf_counter()
-            audio = plain_loop(items)
-            plain.append(audio / (time.perf_counter() - t))
-            for jobs, acc in ((1, j1), (2, j2)):
-                au, wall = time_ingest(corpus, jobs, tmp)
-                acc.append(au / wall)
-        p, r1, r2 = (float(np.median(v)) for v in (plain, j1, j2))
-        print(f"\ningest: {len(items)} clips, {audio / 60:.1f} min of audio, median of {a.repeats} runs")
-        print(f"{'method':34s} {'audio s / wall s':>16s} {'vs plain loop':>14s}")
-        for name, v in (("plain loop (sf+soxr+psf, no store)", p), ("streamq ingest --jobs 1", r1),
-                        ("streamq ingest --jobs 2", r2)):
-            print(f"{name:34s} {v:16.1f} {v / p:13.2f}x")
-        s = bench_stream(a.stream_frames, 13, a.batch, a.repeats, tmp)
-        base = s["in-order chunk reads"]
-        print(f"\nstreaming: {a.stream_frames:,} x 13 float32 frames, batch {a.batch}, median of {a.repeats}")
-        print(f"{'method':28s} {'Mframes/s':>10s} {'vs in-order reads':>18s}")
-        for k, v in s.items():
-            print(f"{k:28s} {v / 1e6:10.2f} {v / base:17.2f}x")
+
+def bench_ingest_part(a, tmp):
+    corpus = a.corpus
+    if corpus is None:
+        corpus = Path(tmp) / "corpus"
+        subprocess.run([sys.executable, str(ROOT / "scripts" / "make_corpus.py"), "--out", str(corpus),
+                        "--n-clips", str(a.clips), "--jobs", "2", "--random-sentences"], check=True,
+                       capture_output=True)
+    from streamq.ingest import discover
+
+    items = discover(corpus)
+    plain, j1, j2 = [], [], []
+    for _ in range(a.repeats):
+        t = time.perf_counter()
+        audio = plain_loop(items)
+        plain.append(audio / (time.perf_counter() - t))
+        for jobs, acc in ((1, j1), (2, j2)):
+            au, wall = time_ingest(corpus, jobs, tmp)
+            acc.append(au / wall)
+    p, r1, r2 = (float(np.median(v)) for v in (plain, j1, j2))
+    print(f"\ningest: {len(items)} clips, {audio / 60:.1f} min of audio, median of {a.repeats} runs")
+    print(f"{'method':34s} {'audio s / wall s':>16s} {'vs plain loop':>14s} {'per-run ratios':>22s}")
+    for name, v, runs in (("plain loop (sf+soxr+psf, no store)", p, plain), ("streamq ingest --jobs 1", r1, j1),
+                          ("streamq ingest --jobs 2", r2, j2)):
+        per = " ".join(f"{x / y:.2f}" for x, y in zip(runs, plain))
+        print(f"{name:34s} {v:16.1f} {v / p:13.2f}x {per:>22s}")
 
 
 if __name__ == "__main__":

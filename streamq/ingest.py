@@ -23,12 +23,14 @@ reported by name in ``STORE.rejects.tsv`` and skipped (``strict=True`` makes the
 
 The local pool is forked (no re-import per process). For a new store with ``jobs > 1`` a forked extraction
 process (:class:`_Extractor`) imports the decoders while the writer lists the corpus, then runs the pool
-and relays its results in order while the writer imports zarr and creates the store. On Dask (:func:`_dask_results`) the listing is cut into fixed shards by position
-(:func:`shard_size`: at most ``SHARD_ITEMS`` clips, at least ``MIN_SHARDS`` shards when the listing
-allows); each task extracts one shard into ``STORE.shards/`` (one file, written atomically, named by a hash
-of its clips and the feature config), and the client appends the shards in order. A killed worker's shard
-is rerun by the scheduler; a killed client finds the finished shard files on the next run and only
-extracts the rest; ``STORE.shards/`` is removed when the ingest completes.
+and relays its results in order while the writer imports zarr and creates the store.
+
+On Dask (:func:`_dask_results`) the listing is cut into fixed shards by position (:func:`shard_size`: at most
+``SHARD_ITEMS`` clips, at least ``MIN_SHARDS`` shards when the listing allows); each task extracts one shard
+into ``STORE.shards/`` (one file, written atomically, named by a hash of its clips and the feature config),
+and the client appends the shards in order. A killed worker's shard is rerun by the scheduler; a killed client
+finds the finished shard files on the next run and only extracts the rest; ``STORE.shards/`` is removed when
+the ingest completes.
 """
 
 from __future__ import annotations

@@ -65,7 +65,8 @@ def test_nan_in_a_later_chunk_of_a_window_is_named(tmp_path):
     bad[3000, 1] = np.inf
     for src in (FrameStore.open(tmp_path / "s"), ArraySource(bad, chunk_frames=1024)):
         for shuffle in (True, False):
-            with pytest.raises(StoreError, match=r"1 frames with NaN or inf in rows 2048\.\.3071 \(first at frame 3000\)"):
+            with pytest.raises(StoreError, match=r"1 frames with NaN or inf in rows 2048\.\.3071 "
+                                                 r"\(first at frame 3000\)"):
                 list(src.iter_minibatches(500, seed=0, shuffle=shuffle, window_chunks=4))
         assert sum(len(b) for b in src.iter_minibatches(500, seed=0, check_finite=False)) == 4096
 
