@@ -175,11 +175,11 @@ def time_align(store, model, out, iters, jobs, **kw):
     from streamq.store import FrameStore
 
     hours = float(FrameStore.open(store).durations.sum()) / 3600
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     s = run_align(store, model, out, iters=iters, jobs=jobs, verbose=0, **kw)
-    wall = time.perf_counter() - t0
+    wall, cpu = time.perf_counter() - t0, time.process_time() - c0  # cpu: every thread of this process
     em = [float(r["seconds"]) for r in read_records(f"{out}/align_history.csv")]
-    return {"audio_hours": hours, "iters": iters, "wall_s": wall, "em_s": float(np.sum(em)),
+    return {"audio_hours": hours, "iters": iters, "wall_s": wall, "cpu_s": cpu, "em_s": float(np.sum(em)),
             "em_iter_s": float(np.mean(em)), "aligned": s["aligned"], "utterances": s["utterances"]}
 
 
@@ -211,7 +211,8 @@ def bench_align_modes(d, copies, jobs, gselect, dense_iters_16384, ks, iters=30,
                 print(f"K={K:5d} {name:6s} (gselect={g}{extra}): {r['audio_hours']:.3f} h, {iters} EM iterations, jobs={jobs}: "
                       f"wall {wall30:.1f} s{' (extrapolated from %d iterations)' % n if n != iters else ''}, "
                       f"EM {r['em_iter_s']:.3f} s/iter -> {r['hours_per_min']:.2f} audio h / wall min "
-                      f"(EM alone {r['em_hours_per_min']:.2f})", flush=True)
+                      f"(EM alone {r['em_hours_per_min']:.2f}); CPU {r['cpu_s']:.1f} s"
+                      f"{' (of %d iterations)' % n if n != iters else ''}", flush=True)
     return rows
 
 
