@@ -116,7 +116,7 @@ def refuse_remote_write(url: str) -> StoreError:
 
 def _take_rows(block: np.ndarray, idx: np.ndarray) -> np.ndarray:
     """``block[idx]`` for a C-contiguous 2-D ``block``: each row gathered as one opaque item of D values
-    (np.take over a void view), the same rows as fancy indexing, ~5x faster, ~2x faster than np.take on axis 0."""
+    (np.take over a void view): the same rows as fancy indexing, ~4x faster, ~2x faster than np.take on axis 0."""
     if block.ndim != 2 or not block.flags.c_contiguous or block.shape[1] == 0:
         return np.take(block, idx, axis=0)
     rows = block.view(np.dtype((np.void, block.shape[1] * block.itemsize))).reshape(-1)
