@@ -1,4 +1,6 @@
-"""Hierarchical Gaussian selection for diagonal GMMs: the data structure, its builder and thin wrappers.
+"""Hierarchical Gaussian selection for diagonal GMMs (the data structure, its builder and thin wrappers), and
+the codeword partitions of the exact grouped L2 search (:func:`group_codewords`, :func:`codeword_groups`,
+:func:`regroup_codewords`; the kernel is :func:`streamq.kernels.assign.assign` ``group_of=``).
 
 A :class:`Selection` groups the K components of a diagonal GMM into about G groups by clustering their means
 (seeded k-means++ then a few Lloyd iterations, in the space where each dimension is divided by the root mean
