@@ -759,7 +759,7 @@ class Aligner(BaseEstimator):
                 pb.set_postfix(ll=f"{rec['loglik_per_frame']:.3f}")
                 if callback is not None:
                     callback(it, self)
-        self._packs = None  # the cache keeps its views into them for decoding
+        self._packs, self._wt = None, None  # the cache keeps its views into the packs for decoding
         return self
 
     def _record_traces(self):
