@@ -4,7 +4,8 @@ Decoding is soundfile (wav, flac, ogg, mp3 with libsndfile >= 1.1), down-mixed t
 mono and resampled with soxr to :attr:`FeatureConfig.sample_rate`. A clip is refused with a
 reason that names the cause when it is empty (0 bytes), not audio, damaged (the decoder fails
 part-way) or truncated (it decodes to less than its header's length, less one frame step). MFCCs are
-python_speech_features' ``mfcc`` with every parameter written in the config.
+python_speech_features' ``mfcc`` with every parameter written in the config, computed bit for bit by
+:func:`_psf_mfcc` (faster, and without importing scipy.fft).
 
 python_speech_features 0.6 uses ``nfft=512`` by default and silently truncates any
 window longer than that (25 ms at 48 kHz is 1200 samples). streamq picks
@@ -161,34 +162,106 @@ def decode(path, target_rate: int, max_short: float = 0.01) -> np.ndarray:
     return np.ascontiguousarray(mono, dtype=np.float32)
 
 
+def _round_half_up(x: float) -> int:
+    """python_speech_features.sigproc.round_half_up."""
+    import decimal
+
+    return int(decimal.Decimal(x).quantize(decimal.Decimal("1"), rounding=decimal.ROUND_HALF_UP))
+
+
 @functools.lru_cache(maxsize=16)
 def _filterbank(nfilt: int, nfft: int, sample_rate: int, lowfreq: float, highfreq: float) -> np.ndarray:
-    """python_speech_features' Mel filterbank (nfilt, nfft // 2 + 1), computed once per config (the library
-    recomputes it for every clip), read-only."""
-    from python_speech_features.base import get_filterbanks
-
-    fb = get_filterbanks(nfilt, nfft, sample_rate, lowfreq, highfreq)
+    """python_speech_features' ``get_filterbanks`` (0.6, MIT licence), the same operations on the same values:
+    the Mel filterbank (nfilt, nfft // 2 + 1), computed once per config (the library recomputes it for every
+    clip), read-only."""
+    highfreq = highfreq or sample_rate / 2
+    if highfreq > sample_rate / 2:
+        raise ValueError(f"highfreq {highfreq} is greater than samplerate/2 ({sample_rate / 2})")
+    lowmel, highmel = 2595 * np.log10(1 + lowfreq / 700.), 2595 * np.log10(1 + highfreq / 700.)
+    melpoints = np.linspace(lowmel, highmel, nfilt + 2)
+    bins = np.floor((nfft + 1) * (700 * (10 ** (melpoints / 2595.0) - 1)) / sample_rate)
+    fb = np.zeros([nfilt, nfft // 2 + 1])
+    for j in range(nfilt):
+        for i in range(int(bins[j]), int(bins[j + 1])):
+            fb[j, i] = (i - bins[j]) / (bins[j + 1] - bins[j])
+        for i in range(int(bins[j + 1]), int(bins[j + 2])):
+            fb[j, i] = (bins[j + 2] - i) / (bins[j + 2] - bins[j + 1])
     fb.flags.writeable = False
     return fb
 
 
-def _psf_mfcc(signal: np.ndarray, c: FeatureConfig) -> np.ndarray:
-    """``python_speech_features.mfcc(signal, ...)`` for config ``c``, bit for bit, in about half the time.
+def _lifter(cepstra: np.ndarray, L: int) -> np.ndarray:
+    """python_speech_features' ``lifter``."""
+    if L > 0:
+        n = np.arange(cepstra.shape[1])
+        lift = 1 + (L / 2.) * np.sin(np.pi * n / L)
+        return lift * cepstra
+    return cepstra
 
-    The same NumPy / SciPy operations on the same values in the same order (preemphasis, framing, rfft,
+
+@functools.lru_cache(maxsize=1)
+def _dct_impl():
+    """``scipy.fftpack.dct(x, type=2, axis=1, norm='ortho')`` for float64 (T, n) ``x``.
+
+    scipy.fftpack calls pocketfft's extension module (``scipy.fft._pocketfft.pypocketfft.dct``); importing it
+    the usual way imports scipy.fft, which imports scipy.special and the array-API layer: ~0.25 s of CPU in
+    every fresh process, as long as extracting fifty clips. Here the module is loaded from scipy's directory
+    alone and called with the arguments scipy.fft passes (type 2, the axis, orthonormal scaling, no output
+    array, one thread). Where that fails (another scipy layout or signature), scipy.fftpack itself.
+    ``tests/test_features_mfcc.py`` checks both against scipy.fftpack, bit for bit."""
+    try:
+        import importlib.machinery
+        import importlib.util
+        import sysconfig
+
+        spec = importlib.util.find_spec("scipy")
+        name = "scipy.fft._pocketfft.pypocketfft"
+        path = os.path.join(spec.submodule_search_locations[0], "fft", "_pocketfft",
+                            "pypocketfft" + sysconfig.get_config_var("EXT_SUFFIX"))
+        loader = importlib.machinery.ExtensionFileLoader(name, path)
+        mod = importlib.util.module_from_spec(importlib.util.spec_from_file_location(name, path, loader=loader))
+        loader.exec_module(mod)
+
+        def dct(x):
+            return mod.dct(x, 2, (1,), 1, None, 1, None)
+
+        probe = np.arange(6.0).reshape(2, 3)
+        if dct(probe).shape != probe.shape:
+            raise ValueError("unexpected result")
+        return dct
+    except Exception:  # noqa: BLE001 - any failure: the public function
+        return _fftpack_dct
+
+
+def _fftpack_dct(x):
+    from scipy.fftpack import dct
+
+    return dct(x, type=2, axis=1, norm="ortho")
+
+
+def preload() -> None:
+    """Import what extraction uses (the decoders, soxr, the DCT) now, e.g. before forking workers."""
+    import soundfile  # noqa: F401
+    import soxr  # noqa: F401
+
+    _dct_impl()
+
+
+def _psf_mfcc(signal: np.ndarray, c: FeatureConfig) -> np.ndarray:
+    """``python_speech_features.mfcc(signal, ...)`` (0.6, MIT licence) for config ``c``, bit for bit, in about
+    half the time and without importing scipy.fft (:func:`_dct_impl`).
+
+    The same NumPy / pocketfft operations on the same values in the same order (preemphasis, framing, rfft,
     power spectrum, energy, filterbank product, log, DCT, lifter), without the library's per-clip waste:
     frames are a strided view copied once instead of a gather through tiled int32 indices multiplied by a
     tiled window of ones (the default window: ``x * 1.0 == x``), the filterbank is cached, and the power
-    spectrum is formed in place. ``tests/test_features.py`` checks equality with the library itself."""
+    spectrum is formed in place. ``tests/test_features_mfcc.py`` checks equality with the library itself."""
     from numpy.lib.stride_tricks import as_strided
-    from python_speech_features.base import lifter
-    from python_speech_features.sigproc import round_half_up
-    from scipy.fftpack import dct
 
     rate, nfft = c.sample_rate, c.fft_size
     highfreq = (c.highfreq or None) or rate / 2
     sig = np.append(signal[0], signal[1:] - c.preemph * signal[:-1])
-    flen, fstep = int(round_half_up(c.winlen * rate)), int(round_half_up(c.winstep * rate))
+    flen, fstep = _round_half_up(c.winlen * rate), _round_half_up(c.winstep * rate)
     slen = len(sig)
     nframes = 1 if slen <= flen else 1 + int(math.ceil((1.0 * slen - flen) / fstep))
     padlen = int((nframes - 1) * fstep + flen)
@@ -203,8 +276,8 @@ def _psf_mfcc(signal: np.ndarray, c: FeatureConfig) -> np.ndarray:
     feat = np.dot(pspec, _filterbank(c.nfilt, nfft, rate, c.lowfreq, highfreq).T)
     feat = np.where(feat == 0, np.finfo(float).eps, feat)
     feat = np.log(feat)
-    feat = dct(feat, type=2, axis=1, norm="ortho")[:, :c.numcep]
-    feat = lifter(feat, c.ceplifter)
+    feat = _dct_impl()(feat)[:, :c.numcep]
+    feat = _lifter(feat, c.ceplifter)
     if c.append_energy:
         feat[:, 0] = np.log(energy)
     return feat

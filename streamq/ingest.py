@@ -214,9 +214,9 @@ def _extract_one(args):
 
 
 def _mp_context():
-    """Fork where the platform has it: the workers start with the parent's imports (numpy, scipy,
-    python_speech_features), in milliseconds instead of the ~0.5 s a spawned interpreter needs to import
-    them, which is what made ``--jobs 2`` slower than one process on small corpora. Extraction touches no
+    """Fork where the platform has it: the workers start with the parent's imports (numpy, the decoders,
+    the DCT), in milliseconds instead of the ~0.5 s a spawned interpreter needs to import them, which is
+    what made ``--jobs 2`` slower than one process on small corpora. Extraction touches no
     lock another thread could hold (no zarr, no logging)."""
     if "fork" in multiprocessing.get_all_start_methods():
         _preload()
@@ -225,11 +225,11 @@ def _mp_context():
 
 
 def _preload():
-    """Import the decoders and the MFCC code (imported lazily by :mod:`streamq.features`) before forking, so
-    the workers inherit them instead of each importing them again (~0.2 s of CPU per process)."""
-    import python_speech_features  # noqa: F401
-    import soundfile  # noqa: F401
-    import soxr  # noqa: F401
+    """Import the decoders and the DCT (imported lazily by :mod:`streamq.features`) before forking, so the
+    workers inherit them instead of each importing them again."""
+    from .features import preload
+
+    preload()
 
 
 def _extract_many(args):

@@ -6,7 +6,8 @@ import pytest
 import soundfile as sf
 from python_speech_features import mfcc as psf_mfcc
 
-from streamq.features import FeatureConfig, _filterbank, _psf_mfcc, extract, mfcc
+from streamq.features import (FeatureConfig, _dct_impl, _fftpack_dct, _filterbank, _lifter, _psf_mfcc,
+                              _round_half_up, extract, mfcc)
 
 CONFIGS = [
     FeatureConfig(),
@@ -50,11 +51,43 @@ def test_silent_frames_take_the_epsilon_branch_identically():
     assert same_bits(ours, ref)
 
 
-def test_filterbank_is_cached_and_read_only():
+def test_filterbank_lifter_rounding_and_dct_are_the_library_s():
+    from python_speech_features.base import get_filterbanks, lifter
+    from python_speech_features.sigproc import round_half_up
+    from scipy.fftpack import dct
+
+    for nfilt, nfft, rate, lo, hi in [(26, 512, 16000, 0.0, 8000.0), (40, 2048, 48000, 100.0, 20000.0),
+                                      (20, 256, 8000, 0.0, 4000.0), (64, 1024, 22050, 300.0, 11025.0)]:
+        assert same_bits(_filterbank(nfilt, nfft, rate, lo, hi), get_filterbanks(nfilt, nfft, rate, lo, hi))
     a = _filterbank(26, 512, 16000, 0.0, 8000.0)
     assert a is _filterbank(26, 512, 16000, 0.0, 8000.0) and a.shape == (26, 257)
     with pytest.raises(ValueError):
         a[0, 0] = 1.0
+    with pytest.raises(ValueError, match="highfreq"):
+        _filterbank(26, 512, 16000, 0.0, 9000.0)
+    rng = np.random.default_rng(3)
+    x = rng.normal(size=(57, 26))
+    for L in (22, 0, -1, 7):
+        assert same_bits(_lifter(x[:, :13], L), lifter(x[:, :13], L))
+    for v in (400.0, 399.5, 400.5, 551.25, 0.5, 1.5, 2.5):
+        assert _round_half_up(v) == round_half_up(v)
+    for shape in ((57, 26), (1, 26), (300, 40), (5, 1)):
+        y = rng.normal(size=shape)
+        ref = dct(y, type=2, axis=1, norm="ortho")
+        assert same_bits(_dct_impl()(y), ref) and same_bits(_fftpack_dct(y), ref)
+
+
+def test_extraction_does_not_import_scipy_fft(tmp_path):
+    """The DCT comes from pocketfft's module alone: a fresh process extracting MFCCs never imports scipy.fft
+    (0.25 s of CPU, the largest import of an ingest worker)."""
+    import subprocess
+    import sys
+
+    code = ("import sys, numpy as np; from streamq.features import FeatureConfig, mfcc, preload; preload(); "
+            "f = mfcc(np.random.default_rng(0).normal(size=16000).astype(np.float32), FeatureConfig()); "
+            "print(f.shape, 'scipy.fft' in sys.modules, 'python_speech_features' in sys.modules)")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert r.stdout.split() == ["(99,", "13)", "False", "False"], r.stdout + r.stderr
 
 
 def test_extract_of_a_file_matches_the_library(speech_dir):
