@@ -502,6 +502,16 @@ def ingest(src, store_path, config: FeatureConfig | None = None, split: str = "v
     return summary
 
 
+def _wanted(usable, results, want):
+    """The results of the items in ``want`` (ids of items), in order; then ``results`` is read to its end, so
+    that its source finishes normally (the extraction process reaps its workers and leaves by itself)."""
+    for it, r in zip(usable, results):
+        if id(it) in want:
+            yield r
+    for _ in results:
+        pass
+
+
 def _ingest_locked(src, store_path, config, items, rejects, jobs, strict, chunk_frames, quiet, commit_seconds,
                    client, pool, early):
     store = FrameStore.create(store_path, config.numcep, feature_config=config.as_dict(),
@@ -542,8 +552,7 @@ def _ingest_locked(src, store_path, config, items, rejects, jobs, strict, chunk_
         listing = [it for it in items if it.error is None]
         results = _dask_results(client, listing, todo, config, store_path)
     elif early is not None:  # started before the store was open: keep the items that are to do, in order
-        want = {id(it) for it in todo}
-        results = (r for it, r in zip(*early) if id(it) in want)
+        results = _wanted(*early, {id(it) for it in todo})
     elif jobs > 1 and len(todo) > 1:
         pool = _mp_context().Pool(jobs, initializer=_worker_init)
         results = _pool_results(pool, todo, config, _per_task(len(todo), jobs))
