@@ -149,3 +149,21 @@ def test_writer_killed_anywhere_leaves_no_process_and_resumes_identical(corpus, 
     assert kills >= 3
     subprocess.run(argv, check=True, capture_output=True)
     _same(st, ref)
+
+
+def test_extraction_process_leaves_by_itself_after_a_complete_ingest(corpus, tmp_path, monkeypatch):
+    """Not stopped by a signal at the end of a run (its workers would be left to exit orphaned, their CPU
+    time unaccounted): it reaps them and exits 0."""
+    import streamq.ingest as ingest_mod
+
+    codes = []
+    close = ingest_mod._Extractor.close
+
+    def recording_close(self):
+        finished = self._done  # every result read, down to the end marker: nothing to stop
+        close(self)
+        codes.append((finished, self._proc.exitcode))
+
+    monkeypatch.setattr(ingest_mod._Extractor, "close", recording_close)
+    ingest(corpus, tmp_path / "st", jobs=2, quiet=True)
+    assert codes == [(True, 0)]
