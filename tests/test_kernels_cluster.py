@@ -519,3 +519,30 @@ def test_repair_edge_cases():
         repair_dead(C, np.array([True, False, False]), np.ones(3), np.ones(3), np.nan, np.zeros((1, 2)))
     with pytest.raises(ValueError, match="noise holds NaN"):
         repair_dead(C, np.array([True, False, False]), np.ones(3), np.ones(3), 0.1, np.full((1, 2), np.nan))
+
+
+def test_parallel_kernels_run_their_serial_twin_with_one_thread():
+    import threading
+
+    import numba
+
+    from streamq.kernels import assign as ka
+
+    rng = np.random.default_rng(31)
+    C = rng.standard_normal((300, 13)).astype(np.float32)
+    X = rng.standard_normal((5000, 13)).astype(np.float32)
+    ref = assign(X, C)
+    out = {}
+
+    def one_thread():  # set_num_threads is per thread, as in a Dask task
+        numba.set_num_threads(1)
+        out["fused"] = assign(X, C)
+        out["grouped"] = assign(X, C, group_of=group_codewords(C))
+
+    t = threading.Thread(target=one_thread)
+    t.start()
+    t.join()
+    assert ka._assign_kernel.serial.signatures and ka._grouped_kernel.serial.signatures  # the twins ran
+    for a, b in zip(out["fused"], ref):
+        npt.assert_array_equal(a, b)
+    npt.assert_array_equal(out["grouped"][1], check_assign(X, C, group_of=group_codewords(C))[1])

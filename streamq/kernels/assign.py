@@ -47,6 +47,8 @@ from numba import njit, prange, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
+from . import parallel_njit
+
 __all__ = ["assign", "cluster_stats", "ClusterStats", "grouped_layout", "GroupedCodebook"]
 
 # Tile shape of the inner kernel (IR-generation constants, not read by @njit code):
@@ -173,7 +175,7 @@ def _exact_nearest(X, C, i):
     return arg
 
 
-@njit(cache=True, parallel=True, nogil=True)
+@parallel_njit(cache=True, nogil=True)
 def _assign_kernel(X, C, shift, scale, cb, cn, P, kblock, tiles_per_group, out_labels, out_d2):
     """Fused nearest-codeword search on centred, scaled points, parallel over groups of point tiles.
 
@@ -373,7 +375,7 @@ def _best_of(acc, n, ids, p0, best, bk):
     return best, bk
 
 
-@njit(cache=True, parallel=True, nogil=True)
+@parallel_njit(cache=True, nogil=True)
 def _grouped_kernel(X, C, shift, scale, centT, rad, gptr, memT, ids, eps, block, out_labels, out_d2,
                     out_scanned):
     """Exact nearest codeword by group bounds, parallel over blocks of ``block`` points.

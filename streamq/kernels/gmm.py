@@ -39,6 +39,8 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
+from . import parallel_njit
+
 __all__ = ["gmm_precompute", "diag_gmm_stats", "diag_gmm_loglik", "diag_gmm_posteriors"]
 
 
@@ -222,7 +224,7 @@ def _sift_down(hv, hi, p, n):
             return
 
 
-@njit(cache=True, parallel=True, error_model="numpy")
+@parallel_njit(cache=True, error_model="numpy")
 def _stats_kernel(X, shift, const, W, n_chunks, tile, log_prune, gselect):
     """Fused E-step over a batch: log-likelihood total and sufficient statistics.
 
@@ -299,7 +301,7 @@ def _stats_kernel(X, shift, const, W, n_chunks, tile, log_prune, gselect):
     return total, n, f, s
 
 
-@njit(cache=True, parallel=True, error_model="numpy")
+@parallel_njit(cache=True, error_model="numpy")
 def _loglik_or_posteriors(X, shift, const, W, n_chunks, tile, log_prune, gselect, dense):
     N, D = X.shape
     K = const.shape[0]

@@ -31,6 +31,8 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
+from . import parallel_njit
+
 __all__ = ["forward_backward", "forward_backward_log", "viterbi", "forward_backward_pruned", "viterbi_pruned",
            "end_distance", "m_any", "sparse_emissions", "sparse_counts", "sparse_e_step", "sparse_e_steps"]
 
@@ -1107,7 +1109,7 @@ def sparse_e_step(cidx, ex, comps, units, state_unit, stay, nxt, skip, WT, beams
     return out, res
 
 
-@njit(cache=True, nogil=True, parallel=True)
+@parallel_njit(cache=True, nogil=True)
 def sparse_e_steps(cidx, ex, t_ptr, comps, c_ptr, units, u_ptr, state_unit, stay, nxt, skip, s_ptr, lane, WT,
                    beams, occ_floor, lanes):
     """:func:`sparse_e_step` over a batch of N utterances, in parallel over accumulator lanes.
