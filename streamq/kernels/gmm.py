@@ -224,7 +224,7 @@ def _sift_down(hv, hi, p, n):
             return
 
 
-@parallel_njit(cache=True, error_model="numpy")
+@parallel_njit(cache=True, nogil=True, error_model="numpy")
 def _stats_kernel(X, shift, const, W, n_chunks, tile, log_prune, gselect):
     """Fused E-step over a batch: log-likelihood total and sufficient statistics.
 
@@ -301,7 +301,7 @@ def _stats_kernel(X, shift, const, W, n_chunks, tile, log_prune, gselect):
     return total, n, f, s
 
 
-@parallel_njit(cache=True, error_model="numpy")
+@parallel_njit(cache=True, nogil=True, error_model="numpy")
 def _loglik_or_posteriors(X, shift, const, W, n_chunks, tile, log_prune, gselect, dense):
     N, D = X.shape
     K = const.shape[0]

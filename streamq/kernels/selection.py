@@ -203,7 +203,7 @@ def _dot_group2(z1, z2, Wb, cw, p0, p1, out1, out2):
             out2[p] += a2 * row[p]
 
 
-@parallel_njit(cache=True)
+@parallel_njit(cache=True, nogil=True)
 def select_topn(X, shift, rep_const, rep_W, member_ptr, member_idx, mem_const, mem_Wb, means, prec, lconst,
                 n, g, n_chunks, tile):
     """Per-frame top-n components by hierarchical selection (module docstring).
@@ -344,7 +344,7 @@ def select_topn(X, shift, rep_const, rep_W, member_ptr, member_idx, mem_const, m
     return idx, ll
 
 
-@parallel_njit(cache=True)
+@parallel_njit(cache=True, nogil=True)
 def score_listed(X, idx, means, prec, lconst, n_chunks):
     """Exact float64 log w_k N(x_t | mu_k, diag s2_k) for the listed components (re-use of stored lists).
 
@@ -394,7 +394,7 @@ def _row_lse(ll, t):
     return m + np.log(s)
 
 
-@parallel_njit(cache=True)
+@parallel_njit(cache=True, nogil=True)
 def selected_loglik(ll, n_chunks):
     """Frame log-likelihoods over the selected components: logsumexp_q ll[t, q] (max-subtracted).
 
@@ -410,7 +410,7 @@ def selected_loglik(ll, n_chunks):
     return out
 
 
-@parallel_njit(cache=True)
+@parallel_njit(cache=True, nogil=True)
 def selected_posteriors(ll, n_chunks):
     """Posteriors over each frame's selected components (renormalised over the n).
 
@@ -432,7 +432,7 @@ def selected_posteriors(ll, n_chunks):
     return out, post
 
 
-@parallel_njit(cache=True)
+@parallel_njit(cache=True, nogil=True)
 def selected_stats(X, shift, idx, ll, K, n_chunks):
     """EM statistics from the selected lists: posteriors renormalised over each frame's n components.
 
