@@ -502,6 +502,17 @@ def ingest(src, store_path, config: FeatureConfig | None = None, split: str = "v
     return summary
 
 
+def _local_results(todo, config):
+    """:func:`_extract_one` over ``todo`` in this process, with one BLAS thread as in the workers (a second
+    OpenBLAS thread buys nothing on these small products and, on a busy machine, spins against the other
+    processes); the limit is lifted when the generator is closed."""
+    from threadpoolctl import threadpool_limits
+
+    with threadpool_limits(limits=1):
+        for it in todo:
+            yield _extract_one((it, config))
+
+
 def _wanted(usable, results, want):
     """The results of the items in ``want`` (ids of items), in order; then ``results`` is read to its end, so
     that its source finishes normally (the extraction process reaps its workers and leaves by itself)."""
@@ -557,7 +568,7 @@ def _ingest_locked(src, store_path, config, items, rejects, jobs, strict, chunk_
         pool = _mp_context().Pool(jobs, initializer=_worker_init)
         results = _pool_results(pool, todo, config, _per_task(len(todo), jobs))
     else:
-        results = map(_extract_one, ((it, config) for it in todo))
+        results = _local_results(todo, config)
     try:
         with bar(len(todo), desc="ingest", unit="clip", quiet=quiet) as pb:
             for item, frames, duration, error in results:
