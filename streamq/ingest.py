@@ -191,9 +191,8 @@ def _worker_init():
     global _LIMITS
     import signal
 
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # first: a worker can always be terminated
     from threadpoolctl import threadpool_limits
-
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a worker forked by _Extractor's process: die at once
 
     _LIMITS = threadpool_limits(limits=1)
 
@@ -318,13 +317,13 @@ def _extractor_main(conn, parent_end, config, jobs):
     import sys
 
     parent_end.close()  # else a dead writer's pipe still has a reader (this process) and sends would block
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))  # unwinds through the pool's terminate
 
     def send(kind, payload):
         conn.send((kind, payload))
 
     try:
         _preload()
+        import threadpoolctl  # noqa: F401 - imported once here, not by each worker as it starts
         try:
             usable = conn.recv()
         except EOFError:  # the writer failed before it had a listing (a corpus error)
@@ -333,12 +332,16 @@ def _extractor_main(conn, parent_end, config, jobs):
             k = _per_task(len(usable), jobs)
             tasks = ((usable[i:i + k], config) for i in range(0, len(usable), k))
             with multiprocessing.get_context("fork").Pool(jobs, initializer=_worker_init) as pool:
+                # SIGTERM unwinds through the pool's terminate; installed after the workers are forked, so
+                # they keep the default action (a worker stuck in C code still dies when terminated)
+                signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))
                 for batch in pool.imap(_extract_many, tasks):
                     send("batch", batch)
+                send("done", None)  # before the pool's teardown: the writer never waits on it
         else:
             _worker_init()
             send("batch", [_extract_one((it, config)) for it in usable])
-        send("done", None)
+            send("done", None)
     except (BrokenPipeError, ConnectionResetError, SystemExit):  # the writer has stopped listening
         pass
     except BaseException as e:  # noqa: BLE001 - any failure goes to the writer, which raises it
