@@ -59,6 +59,35 @@ def make_cv(root, speech_dir, n=6, rate=48000, extra_rows=(), shuffle_columns=Fa
     return root
 
 
+def replicate_cv(root, copies):
+    """List every clip of the Common Voice release at ``root`` ``copies`` times (as clip_{rep}.mp3 copies, the
+    originals unlisted); rewrites validated.tsv and returns its lines (header first) and the path column."""
+    tsv = (root / "validated.tsv").read_text().splitlines()
+    header, rows = tsv[0], tsv[1:]
+    col = header.split("\t").index("path")
+    lines = [header]
+    for rep in range(copies):
+        for r in rows:
+            cols = r.split("\t")
+            dst = cols[col].replace(".mp3", f"_{rep}.mp3")
+            (root / "clips" / dst).write_bytes((root / "clips" / cols[col]).read_bytes())
+            cols[col] = dst
+            lines.append("\t".join(cols))
+    (root / "validated.tsv").write_text("\n".join(lines) + "\n")
+    return lines, col
+
+
+def assert_same_store(a, b):
+    """Two stores hold byte-identical frames and index."""
+    from streamq.store import FrameStore
+
+    A, B = FrameStore.open(a), FrameStore.open(b)
+    assert (A.n_frames, A.n_utterances) == (B.n_frames, B.n_utterances)
+    assert A.ids == B.ids and A.transcripts == B.transcripts and A.speakers == B.speakers and A.paths == B.paths
+    assert A.offsets.tobytes() == B.offsets.tobytes() and A.durations.tobytes() == B.durations.tobytes()
+    assert A.read(0, A.n_frames).tobytes() == B.read(0, B.n_frames).tobytes()
+
+
 @pytest.fixture
 def rng():
     return np.random.default_rng(1234)

@@ -13,7 +13,7 @@ import time
 import numpy as np
 import pytest
 
-from conftest import make_cv
+from conftest import assert_same_store, make_cv, replicate_cv
 from streamq import distributed as dd
 from streamq.align import Aligner
 from streamq.codebook import LBG
@@ -309,17 +309,8 @@ def test_worker_killed_mid_pass_gives_the_same_statistics(client, big_store):
 def cv48(tmp_path_factory, speech_dir):
     """48 clips (the six, eight times over) and one bad row: 16 shards of 3."""
     root = make_cv(tmp_path_factory.mktemp("dcv"), speech_dir, n=6)
-    tsv = (root / "validated.tsv").read_text().splitlines()
-    header, rows = tsv[0], tsv[1:]
-    path_col = header.split("\t").index("path")
-    lines = [header]
-    for rep in range(8):
-        for r in rows:
-            cols = r.split("\t")
-            dst = cols[path_col].replace(".mp3", f"_{rep}.mp3")
-            (root / "clips" / dst).write_bytes((root / "clips" / cols[path_col]).read_bytes())
-            cols[path_col] = dst
-            lines.append("\t".join(cols))
+    lines, path_col = replicate_cv(root, 8)
+    header = lines[0]
     (root / "clips" / "broken.mp3").write_bytes(b"not audio at all")
     lines.insert(20, "\t".join("broken.mp3" if i == path_col else "x" for i in range(len(header.split("\t")))))
     (root / "validated.tsv").write_text("\n".join(lines) + "\n")
@@ -333,23 +324,15 @@ def local48(cv48, tmp_path_factory):
     return p
 
 
-def _same_store(a, b):
-    A, B = FrameStore.open(a), FrameStore.open(b)
-    assert (A.n_frames, A.n_utterances) == (B.n_frames, B.n_utterances)
-    assert A.ids == B.ids and A.transcripts == B.transcripts and A.speakers == B.speakers and A.paths == B.paths
-    assert A.offsets.tobytes() == B.offsets.tobytes() and A.durations.tobytes() == B.durations.tobytes()
-    assert A.read(0, A.n_frames).tobytes() == B.read(0, B.n_frames).tobytes()
-
-
 def test_distributed_ingest_equals_local_ingest(client, cv48, local48, tmp_path):
     s = ingest(cv48, tmp_path / "d.zarr", quiet=True, chunk_frames=512, client=client)
     assert s["added"] == 48 and s["rejected"] == 1
-    _same_store(tmp_path / "d.zarr", local48)
+    assert_same_store(tmp_path / "d.zarr", local48)
     assert not shards_dir(tmp_path / "d.zarr").exists()
     assert "broken.mp3" in (tmp_path / "d.zarr.rejects.tsv").read_text()
     with pytest.raises(AudioError, match="all 1 clips were rejected"):  # as locally: only the bad clip is left
         ingest(cv48, tmp_path / "d.zarr", quiet=True, client=client)
-    _same_store(tmp_path / "d.zarr", local48)
+    assert_same_store(tmp_path / "d.zarr", local48)
 
 
 def test_distributed_ingest_survives_a_worker_kill(client, cv48, local48, tmp_path):
@@ -358,7 +341,7 @@ def test_distributed_ingest_survives_a_worker_kill(client, cv48, local48, tmp_pa
     ingest(cv48, tmp_path / "k.zarr", quiet=True, chunk_frames=512, client=client)
     t.join(timeout=5)
     assert state["killed"] is not None
-    _same_store(tmp_path / "k.zarr", local48)
+    assert_same_store(tmp_path / "k.zarr", local48)
     _healthy(client)
 
 
@@ -382,7 +365,7 @@ def test_distributed_ingest_resumes_after_the_client_is_killed(client, cv48, loc
         assert FrameStore.open(out).n_utterances < 48
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr
-    _same_store(out, local48)
+    assert_same_store(out, local48)
     assert not sd.exists()
 
 

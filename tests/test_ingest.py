@@ -8,7 +8,7 @@ import time
 import numpy as np
 import pytest
 
-from conftest import make_cv
+from conftest import assert_same_store, make_cv, replicate_cv
 from streamq.features import FeatureConfig, extract
 from streamq.ingest import CorpusError, discover, ingest, rejects_path
 from streamq.store import FrameStore, StoreError
@@ -185,32 +185,11 @@ def _ingest_cmd(src, dst, *extra):
             *extra]
 
 
-def _assert_same_store(a, b):
-    """Two stores hold byte-identical frames and index."""
-    A, B = FrameStore.open(a), FrameStore.open(b)
-    assert (A.n_frames, A.n_utterances) == (B.n_frames, B.n_utterances)
-    assert A.ids == B.ids and A.transcripts == B.transcripts and A.speakers == B.speakers and A.paths == B.paths
-    assert A.offsets.tobytes() == B.offsets.tobytes() and A.durations.tobytes() == B.durations.tobytes()
-    assert A.read(0, A.n_frames).tobytes() == B.read(0, B.n_frames).tobytes()
-
-
 @pytest.fixture(scope="module")
 def big_cv(tmp_path_factory, speech_dir):
     """48 clips (the six, eight times over), so an ingest with small chunks commits often and runs a while."""
     root = make_cv(tmp_path_factory.mktemp("bigcv"), speech_dir, n=6)
-    tsv = (root / "validated.tsv").read_text().splitlines()
-    header, rows = tsv[0], tsv[1:]
-    path_col = header.split("\t").index("path")
-    lines = [header]
-    for rep in range(8):
-        for r in rows:
-            cols = r.split("\t")
-            src = cols[path_col]
-            dst = src.replace(".mp3", f"_{rep}.mp3")
-            (root / "clips" / dst).write_bytes((root / "clips" / src).read_bytes())
-            cols[path_col] = dst
-            lines.append("\t".join(cols))
-    (root / "validated.tsv").write_text("\n".join(lines) + "\n")
+    replicate_cv(root, 8)
     return root
 
 
@@ -239,14 +218,14 @@ def test_kill_anywhere_then_resume_is_byte_identical(big_cv, tmp_path):
                 FrameStore.open(killed)  # never an inconsistent store in between
             continue
         assert p.returncode == 0, err.decode()
-        _assert_same_store(killed, tmp_path / "clean")
+        assert_same_store(killed, tmp_path / "clean")
         rounds += 1
         shutil.rmtree(killed)
         in_round = 0
     if in_round:
         r = subprocess.run(_ingest_cmd(big_cv, killed), capture_output=True, text=True)
         assert r.returncode == 0, r.stderr
-        _assert_same_store(killed, tmp_path / "clean")
+        assert_same_store(killed, tmp_path / "clean")
         assert FrameStore.open(killed).n_utterances == 48
 
 
@@ -262,7 +241,7 @@ def test_exit_between_data_and_commit_then_resume(cv, tmp_path):
     assert st.group["frames"].shape[0] > st.n_frames and st.group["ids"].shape[0] == 3  # the dead append's rows
     r = subprocess.run(_ingest_cmd(cv, tmp_path / "st"), capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
-    _assert_same_store(tmp_path / "st", tmp_path / "clean")
+    assert_same_store(tmp_path / "st", tmp_path / "clean")
 
 
 def test_killed_create_and_racing_ingests(cv, tmp_path):
@@ -272,7 +251,7 @@ def test_killed_create_and_racing_ingests(cv, tmp_path):
     assert r.returncode == 86 and not (tmp_path / "a").exists()
     r = subprocess.run(_ingest_cmd(cv, tmp_path / "a"), capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
-    _assert_same_store(tmp_path / "a", tmp_path / "clean")
+    assert_same_store(tmp_path / "a", tmp_path / "clean")
     # two ingests started together on a fresh path: one writes, the other is refused or finds the work done
     ps = [subprocess.Popen(_ingest_cmd(cv, tmp_path / "b"), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                            text=True) for _ in range(2)]
@@ -282,7 +261,7 @@ def test_killed_create_and_racing_ingests(cv, tmp_path):
     assert any(rc == 0 for rc, _ in outs)
     r = subprocess.run(_ingest_cmd(cv, tmp_path / "b"), capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
-    _assert_same_store(tmp_path / "b", tmp_path / "clean")
+    assert_same_store(tmp_path / "b", tmp_path / "clean")
 
 
 def test_all_clips_rejected_is_an_error(tmp_path):
@@ -337,7 +316,7 @@ def test_forked_pool_resumes_a_partial_store_and_stops_cleanly_when_strict(big_c
                    for i in range(10)])
     s = ingest(big_cv, tmp_path / "p", jobs=2, quiet=True)
     assert s["skipped_existing"] == 10 and s["added"] == 38
-    _assert_same_store(tmp_path / "p", tmp_path / "ref")
+    assert_same_store(tmp_path / "p", tmp_path / "ref")
     bad = tmp_path / "bad.tsv"
     bad.write_text(f"path\tsentence\n{big_cv}/clips/common_voice_en_0000.mp3\ta\n{tmp_path}/missing.mp3\tb\n"
                    + "".join(f"{big_cv}/clips/common_voice_en_0001_{r}.mp3\tc\n" for r in range(6)))

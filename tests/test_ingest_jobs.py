@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import make_cv
+from conftest import assert_same_store, make_cv, replicate_cv
 from streamq.ingest import CorpusError, ingest
 from streamq.store import FrameStore
 
@@ -21,27 +21,8 @@ from streamq.store import FrameStore
 def corpus(tmp_path_factory, speech_dir):
     """36 clips (the six, six times over)."""
     root = make_cv(tmp_path_factory.mktemp("jobscv"), speech_dir, n=6)
-    tsv = (root / "validated.tsv").read_text().splitlines()
-    header, rows = tsv[0], tsv[1:]
-    col = header.split("\t").index("path")
-    lines = [header]
-    for rep in range(6):
-        for r in rows:
-            cols = r.split("\t")
-            dst = cols[col].replace(".mp3", f"_{rep}.mp3")
-            (root / "clips" / dst).write_bytes((root / "clips" / cols[col]).read_bytes())
-            cols[col] = dst
-            lines.append("\t".join(cols))
-    (root / "validated.tsv").write_text("\n".join(lines) + "\n")
+    replicate_cv(root, 6)
     return root
-
-
-def _same(a, b):
-    A, B = FrameStore.open(a), FrameStore.open(b)
-    assert (A.n_frames, A.n_utterances) == (B.n_frames, B.n_utterances)
-    assert A.ids == B.ids and A.transcripts == B.transcripts and A.speakers == B.speakers and A.paths == B.paths
-    assert A.offsets.tobytes() == B.offsets.tobytes() and A.durations.tobytes() == B.durations.tobytes()
-    assert A.read(0, A.n_frames).tobytes() == B.read(0, B.n_frames).tobytes()
 
 
 def _descendants(pid):
@@ -83,7 +64,7 @@ def test_jobs_2_and_4_match_jobs_1_with_bad_rows(corpus, tmp_path, speech_dir):
     for jobs in (2, 4):
         s = ingest(tsv, tmp_path / f"j{jobs}", jobs=jobs, quiet=True, chunk_frames=256)
         assert s["added"] == len(paths) and s["rejected"] == 2
-        _same(tmp_path / f"j{jobs}", tmp_path / "one")
+        assert_same_store(tmp_path / f"j{jobs}", tmp_path / "one")
         assert (tmp_path / f"j{jobs}.rejects.tsv").read_text() == (tmp_path / "one.rejects.tsv").read_text()
 
 
@@ -108,7 +89,7 @@ def test_single_clip_corpus(corpus, tmp_path):
     ingest(tsv, tmp_path / "a", jobs=1, quiet=True)
     s = ingest(tsv, tmp_path / "b", jobs=2, quiet=True)
     assert s["added"] == 1
-    _same(tmp_path / "a", tmp_path / "b")
+    assert_same_store(tmp_path / "a", tmp_path / "b")
 
 
 def test_writer_killed_anywhere_leaves_no_process_and_resumes_identical(corpus, tmp_path):
@@ -148,7 +129,7 @@ def test_writer_killed_anywhere_leaves_no_process_and_resumes_identical(corpus, 
             FrameStore.open(st)
     assert kills >= 3
     subprocess.run(argv, check=True, capture_output=True)
-    _same(st, ref)
+    assert_same_store(st, ref)
 
 
 def test_extraction_process_leaves_by_itself_after_a_complete_ingest(corpus, tmp_path, monkeypatch):
