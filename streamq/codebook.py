@@ -219,7 +219,8 @@ class RandomSample(_Codebook):
         self.heldout_ = exclude is not None
         self.codebook_ = _sample_excluding(source, K, _derive(self.seed, 1), exclude)
         m = evaluate(self.codebook_, H)
-        self.counts_ = np.bincount(assign(H, self.codebook_, group_of=self._groups())[0], minlength=K).astype(np.float64)
+        labels = assign(H, self.codebook_, group_of=self._groups())[0]
+        self.counts_ = np.bincount(labels, minlength=K).astype(np.float64)
         self.n_repaired_ = 0
         self.history_ = [{"method": "random", "stage": 0, "step": 0, "k": K, "frames_seen": K,
                           "wall_seconds": time.perf_counter() - t0, "dead": int((self.counts_ == 0).sum()),

@@ -371,6 +371,7 @@ def _lloyd_part(url, n_frames, a, b, C, exclude, batch, budget):
     from .selection import codeword_groups
 
     src = _open(url, n_frames)
+    group_of = codeword_groups(C)  # once per task (memoised per worker on the codebook's bytes)
     K, D = C.shape
     counts, sums, sse, frames = np.zeros(K), np.zeros((K, D)), np.zeros(K), 0
     with _task_threads(budget):
@@ -382,7 +383,7 @@ def _lloyd_part(url, n_frames, a, b, C, exclude, batch, budget):
                     X = np.delete(X, exclude[lo:hi] - s, axis=0)
             if not len(X):
                 continue
-            labels, d2 = assign(X, C, group_of=codeword_groups(C))
+            labels, d2 = assign(X, C, group_of=group_of)
             st = cluster_stats(X, labels, K, d2=d2, second_order=False)
             counts += st.counts
             sums += st.sums
@@ -422,11 +423,12 @@ def _init_part(url, n_frames, a, b, C, shift, batch, budget):
     from .selection import codeword_groups
 
     src = _open(url, n_frames)
+    group_of = codeword_groups(C)  # once per task (memoised per worker on the codebook's bytes)
     K, D = C.shape
     n, f, s = np.zeros(K), np.zeros((K, D)), np.zeros((K, D))
     with _task_threads(budget):
         for _, X in _blocks(src, a, b, batch):
-            labels, _ = assign(X, C, group_of=codeword_groups(C))
+            labels, _ = assign(X, C, group_of=group_of)
             st = cluster_stats(X, labels, K, shift=shift)
             n += st.counts
             f += st.sums
@@ -501,13 +503,14 @@ def _quantise_part(url, n_frames, a, b, C, out, batch, budget):
     from .selection import codeword_groups
 
     src = _open(url, n_frames)
+    group_of = codeword_groups(C)  # once per task (memoised per worker on the codebook's bytes)
     g = zarr.open_group(str(out), mode="r+")
     lab, d2a = g["labels"], g["d2"]
     loss = 0.0
     with _task_threads(budget):
         for p, X in _blocks(src, a, b, batch):
             e = p + len(X)
-            labels, d2 = assign(X, C, group_of=codeword_groups(C))
+            labels, d2 = assign(X, C, group_of=group_of)
             lab[p:e] = labels.astype(np.int32)
             d2a[p:e] = d2
             loss += float(d2.sum(dtype=np.float64))

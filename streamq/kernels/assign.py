@@ -175,6 +175,16 @@ def _exact_nearest(X, C, i):
     return arg
 
 
+@njit(cache=True, nogil=True)
+def _exact_d2(X, C, i, k):
+    """``sum_d (X[i, d] - C[k, d])^2`` accumulated in float64 from the float32 values, rounded once to float32."""
+    acc = 0.0
+    for d in range(X.shape[1]):
+        diff = np.float64(X[i, d]) - np.float64(C[k, d])
+        acc += diff * diff
+    return np.float32(acc)
+
+
 @parallel_njit(cache=True, nogil=True)
 def _assign_kernel(X, C, shift, scale, cb, cn, P, kblock, tiles_per_group, out_labels, out_d2):
     """Fused nearest-codeword search on centred, scaled points, parallel over groups of point tiles.
@@ -221,11 +231,7 @@ def _assign_kernel(X, C, shift, scale, cb, cn, P, kblock, tiles_per_group, out_l
                 v = bv[t, p]
                 if not (v < np.inf and v > -np.inf):  # fused values overflowed (or NaN): exact scan
                     k = _exact_nearest(X, C, i)
-                acc = 0.0
-                for d in range(D):
-                    diff = np.float64(X[i, d]) - np.float64(C[k, d])
-                    acc += diff * diff
-                out_d2[i] = np.float32(acc)
+                out_d2[i] = _exact_d2(X, C, i, k)
                 out_labels[i] = k
 
 
@@ -451,13 +457,8 @@ def _grouped_kernel(X, C, shift, scale, centT, rad, gptr, memT, ids, eps, block,
                 best, bk = _best_of(acc, p1 - p0, ids, p0, best, bk)
                 scanned += p1 - p0
                 sb = np.sqrt(best) * hi_f
-            k = bk
-            acc64 = 0.0
-            for d in range(D):
-                diff = np.float64(X[i, d]) - np.float64(C[k, d])
-                acc64 += diff * diff
-            out_d2[i] = np.float32(acc64)
-            out_labels[i] = k
+            out_d2[i] = _exact_d2(X, C, i, bk)
+            out_labels[i] = bk
             out_scanned[i] = scanned
 
 
