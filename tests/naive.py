@@ -336,7 +336,7 @@ def gmm_case(offset, scale, N, K, D, seed=0):
 
 
 # ------------------------------------------------------------------------- sparse emissions, pruned lattices
-# (streamq.kernels.tied sparse_*, streamq.kernels.lattice forward_backward_pruned / viterbi_pruned)
+# (streamq.kernels.tied sparse_frame_normalise, streamq.kernels.lattice sparse_* and the pruned lattices)
 
 
 def sparse_frame_normalise(ll):
@@ -344,31 +344,6 @@ def sparse_frame_normalise(ll):
     with np.errstate(invalid="ignore"):
         rel = np.where(np.isfinite(shift)[:, None], ll - shift[:, None], -np.inf)
     return rel.astype(np.float32), shift
-
-
-def sparse_mixture_likelihoods(idx, rel, Wt):
-    """P[t, u] = sum_j Wt[idx[t, j], u] exp(rel[t, j]) over the slots with idx >= 0."""
-    T, n = idx.shape
-    P = np.zeros((T, Wt.shape[1]))
-    for t in range(T):
-        for j in range(n):
-            if idx[t, j] >= 0:
-                P[t] += Wt[idx[t, j]] * math.exp(float(rel[t, j]))
-    return P
-
-
-def sparse_mixture_counts(idx, rel, occ, P, Wt, occ_floor=0.0):
-    """counts[k, u] = sum over slots listing k of occ[t, u] Wt[k, u] exp(rel[t, j]) / P[t, u] (occ > occ_floor)."""
-    T, n = idx.shape
-    out = np.zeros(Wt.shape)
-    for t in range(T):
-        for u in range(Wt.shape[1]):
-            if occ[t, u] > occ_floor and P[t, u] > 0:
-                for j in range(n):
-                    k = idx[t, j]
-                    if k >= 0:
-                        out[k, u] += occ[t, u] * Wt[k, u] * math.exp(float(rel[t, j])) / P[t, u]
-    return out
 
 
 def end_distance(nxt, skip):

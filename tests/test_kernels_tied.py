@@ -73,7 +73,8 @@ def test_mixture_likelihoods_and_counts():
 
 
 # --------------------------------------------------------------------------- sparse (Gaussian-selected) emissions
-from streamq.kernels.tied import sparse_frame_normalise, sparse_mixture_counts, sparse_mixture_likelihoods  # noqa: E402
+from streamq.kernels.lattice import sparse_counts, sparse_emissions  # noqa: E402
+from streamq.kernels.tied import sparse_frame_normalise  # noqa: E402
 
 
 def sparse_case(rng, T, n, C, U, empty=True):
@@ -98,23 +99,24 @@ def test_sparse_frame_normalise():
 
 
 @pytest.mark.parametrize("T,n,C,U", [(31, 4, 11, 5), (1, 1, 1, 1), (17, 6, 6, 3), (9, 3, 40, 1)])
-def test_sparse_mixture_likelihoods_and_counts(T, n, C, U):
+def test_sparse_emissions_and_counts_edge_cases(T, n, C, U):
     rng = np.random.default_rng(T * n + C)
     idx, ll, Wt = sparse_case(rng, T, n, C, U)
     Wt[0, :] = 0.0  # a component no unit uses
     rel, shift = sparse_frame_normalise(ll)
-    P = sparse_mixture_likelihoods(idx, rel, Wt)
-    np.testing.assert_allclose(P, naive.sparse_mixture_likelihoods(idx, rel, Wt), rtol=1e-12)
+    ex = np.exp(rel)  # the aligner's cache: linear likelihoods relative to the frame's shift
+    P = sparse_emissions(idx, ex, Wt)
+    np.testing.assert_allclose(P, naive.sparse_emissions(idx, ex, Wt), rtol=1e-12)
     occ = rng.uniform(size=(T, U))
     if U > 1:
         occ[:, -1] = 0.0  # a unit nobody occupies
-    counts = sparse_mixture_counts(idx, rel, occ, P, Wt)
-    np.testing.assert_allclose(counts, naive.sparse_mixture_counts(idx, rel, occ, P, Wt), rtol=1e-10, atol=1e-300)
+    counts = sparse_counts(idx, ex, occ, P, Wt)
+    np.testing.assert_allclose(counts, naive.sparse_counts(idx, ex, occ, P, Wt), rtol=1e-10, atol=1e-300)
     ok = (P > 0)
     np.testing.assert_allclose(counts.sum(0), (occ * ok).sum(0), rtol=1e-10)  # occupancy redistributed
     floor = float(np.median(occ))  # the floor skips the occupancies at or below it, exactly as the reference
-    np.testing.assert_allclose(sparse_mixture_counts(idx, rel, occ, P, Wt, floor),
-                               naive.sparse_mixture_counts(idx, rel, occ, P, Wt, floor), rtol=1e-10, atol=1e-300)
+    np.testing.assert_allclose(sparse_counts(idx, ex, occ, P, Wt, floor),
+                               naive.sparse_counts(idx, ex, occ, P, Wt, floor), rtol=1e-10, atol=1e-300)
     assert not counts[0].any()
     if U > 1:
         assert not counts[:, -1].any()
@@ -139,11 +141,12 @@ def test_sparse_with_every_component_equals_dense():
     rel, shift2 = sparse_frame_normalise(ll)
     np.testing.assert_allclose(shift2, shift)
     W = rng.dirichlet(np.ones(K), U)
-    P = sparse_mixture_likelihoods(idx, rel, W.T.copy())
+    ex = np.exp(rel)
+    P = sparse_emissions(idx, ex, W.T.copy())
     Pd = mixture_likelihoods(Gx, W)
     np.testing.assert_allclose(P, Pd, rtol=1e-6)  # rel is float32
     occ = rng.uniform(size=(T, U))
-    np.testing.assert_allclose(sparse_mixture_counts(idx, rel, occ, P, W.T.copy()).T,
+    np.testing.assert_allclose(sparse_counts(idx, ex, occ, P, W.T.copy()).T,
                                mixture_counts(Gx, occ, Pd, W), rtol=1e-5)
 
 
@@ -151,9 +154,10 @@ def test_sparse_huge_relative_values_underflow_to_nothing():
     idx = np.array([[0, 1], [1, -1]], np.int32)
     rel = np.array([[0.0, -1e4], [0.0, -np.inf]], np.float32)
     Wt = np.array([[0.5, 1.0], [0.5, 0.0]])
-    P = sparse_mixture_likelihoods(idx, rel, Wt)
+    ex = np.exp(rel)  # float32: e^-1e4 and e^-inf are 0
+    P = sparse_emissions(idx, ex, Wt)
     np.testing.assert_allclose(P, [[0.5, 1.0], [0.5, 0.0]])
-    counts = sparse_mixture_counts(idx, rel, np.ones((2, 2)), P, Wt)
+    counts = sparse_counts(idx, ex, np.ones((2, 2)), P, Wt)
     np.testing.assert_allclose(counts, [[1.0, 1.0], [1.0, 0.0]])  # frame 1 of unit 1: P = 0, nothing
     assert np.isfinite(counts).all()
 

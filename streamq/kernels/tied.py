@@ -6,9 +6,10 @@ log-densities (direct ``(x - mu)^2 / var`` form in float64: no cancellation on u
 :func:`frame_normalise` subtracts each frame's best so nothing underflows, :func:`mixture_likelihoods`
 forms the per-unit mixtures, and :func:`occupancy_by_unit` / :func:`mixture_counts` turn the lattice
 posteriors (:mod:`streamq.kernels.lattice`) into the M-step statistics of the tied weights.
-:func:`sparse_frame_normalise`, :func:`sparse_mixture_likelihoods` and :func:`sparse_mixture_counts` are the
-same with each frame's top-n components only (Gaussian selection, :mod:`streamq.selection`), computed once
-and reused by every EM iteration: O(T n U) per iteration instead of O(T K U).
+:func:`sparse_frame_normalise` splits each frame's top-n log-likelihoods (Gaussian selection,
+:mod:`streamq.selection`) into a shift and relative values, once; the per-iteration sparse emissions and
+counts over them are :func:`streamq.kernels.lattice.sparse_emissions` / ``sparse_counts`` (linear domain,
+fused with the pruned lattice): O(T n U) per iteration instead of O(T K U).
 
 All kernels are pure (arrays in, arrays out), compiled with ``cache=True`` and never read module globals.
 """
@@ -19,8 +20,7 @@ import numpy as np
 from numba import njit
 
 __all__ = ["diag_gauss_loglik", "frame_normalise", "occupancy_by_unit", "mixture_likelihoods", "mixture_counts",
-           "sparse_frame_normalise", "sparse_mixture_likelihoods", "sparse_mixture_counts", "gather_weights",
-           "add_counts"]
+           "sparse_frame_normalise", "gather_weights", "add_counts"]
 
 # Linear-domain kernels on finite data may reassociate sums (vectorised reductions); never
 # 'nnan'/'ninf' (a frame far from every Gaussian is a legitimate, huge negative number).
@@ -175,87 +175,13 @@ def sparse_frame_normalise(ll):
     return rel, shift
 
 
-@njit(cache=True, nogil=True, fastmath=_LINEAR_FASTMATH)
-def sparse_mixture_likelihoods(idx, rel, Wt):
-    """Per-unit mixture likelihoods from each frame's listed components.
-
-    idx : int32 (T, n) IN   component of each slot, a row of ``Wt``; -1 = empty slot (ignored).
-    rel : float32 or float64 (T, n) IN   log-likelihood of the slot's component relative to the frame's
-        shift (``sparse_frame_normalise``).
-    Wt : float64 (C, U) IN   weights, transposed: Wt[k, u] = weight of component k in unit u.
-    Returns P : float64 (T, U) OUT, ``P[t, u] = sum_j Wt[idx[t, j], u] exp(rel[t, j])``; the unit's
-    log-emission is ``shift[t] + log P[t, u]``. With every component listed (n = K, idx a permutation) this is
-    :func:`mixture_likelihoods` of the dense ``Gx``.
-    """
-    T, n = idx.shape
-    U = Wt.shape[1]
-    P = np.zeros((T, U))
-    for t in range(T):
-        for j in range(n):
-            k = idx[t, j]
-            if k < 0:
-                continue
-            e = np.exp(np.float64(rel[t, j]))
-            if e == 0.0:
-                continue
-            row = Wt[k]
-            for u in range(U):
-                P[t, u] += e * row[u]
-    return P
-
-
-@njit(cache=True, nogil=True, fastmath=_LINEAR_FASTMATH)
-def sparse_mixture_counts(idx, rel, occ, P, Wt, occ_floor=0.0):
-    """Expected component counts per unit, accumulated only at the listed components.
-
-    ``counts[k, u] = sum_t sum_{j: idx[t, j] = k} occ[t, u] Wt[k, u] exp(rel[t, j]) / P[t, u]``: the unit's
-    occupancy times the component's posterior within the unit's (listed) mixture; the sparse
-    :func:`mixture_counts`, transposed.
-
-    idx, rel : (T, n) IN as in :func:`sparse_mixture_likelihoods`; occ : float64 (T, U) IN state occupancy
-    summed per unit; P : float64 (T, U) IN from :func:`sparse_mixture_likelihoods`; Wt : float64 (C, U) IN.
-    occ_floor : float, occupancies ``<= occ_floor`` are skipped (0: exact; the aligner passes 1e-12: a
-        pruned lattice's window holds many states with posteriors of e^-50 and less, which change no count).
-    Returns counts : float64 (C, U) OUT (frames with ``occ <= occ_floor`` or ``P == 0`` contribute nothing;
-    only the units a frame occupies are visited).
-    """
-    T, n = idx.shape
-    C, U = Wt.shape
-    acc = np.zeros((C, U))
-    r = np.empty(U)
-    nz = np.empty(U, np.int64)
-    for t in range(T):
-        m = 0
-        for u in range(U):
-            o = occ[t, u]
-            if o > occ_floor and P[t, u] > 0.0:
-                r[m] = o / P[t, u]
-                nz[m] = u
-                m += 1
-        if m == 0:
-            continue
-        for j in range(n):
-            k = idx[t, j]
-            if k < 0:
-                continue
-            e = np.exp(np.float64(rel[t, j]))
-            if e == 0.0:
-                continue
-            for q in range(m):
-                acc[k, nz[q]] += e * r[q]
-    for k in range(C):
-        for u in range(U):
-            acc[k, u] *= Wt[k, u]
-    return acc
-
-
 @njit(cache=True, nogil=True)
 def gather_weights(W, units, comps):
     """The weights of some units at some components, transposed: Wt[c, u] = W[units[u], comps[c]].
 
     W : float64 (n_units, K) IN; units : int64 (U,) IN; comps : int32 / int64 (C,) IN.
-    Returns Wt : float64 (C, U) OUT (the ``Wt`` of :func:`sparse_mixture_likelihoods` for lists numbered
-    among ``comps``).
+    Returns Wt : float64 (C, U) OUT (the ``Wt`` of :func:`streamq.kernels.lattice.sparse_emissions` for lists
+    numbered among ``comps``).
     """
     C = comps.shape[0]
     U = units.shape[0]
@@ -272,7 +198,7 @@ def add_counts(acc, units, comps, counts):
     """Scatter-add sparse counts into the corpus accumulator: acc[units[u], comps[c]] += counts[c, u].
 
     acc : float64 (n_units, K) INOUT; units : int64 (U,) IN, distinct; comps : int32 / int64 (C,) IN,
-    distinct; counts : float64 (C, U) IN (from :func:`sparse_mixture_counts`).
+    distinct; counts : float64 (C, U) IN (from :func:`streamq.kernels.lattice.sparse_counts`).
     """
     C = comps.shape[0]
     U = units.shape[0]
